@@ -1,0 +1,102 @@
+"""VisionTransformerConfig: defaults of the original model, the variant table and one-line errors."""
+
+import pytest
+from conftest import tiny_config
+from transformers import AutoConfig
+
+import hf_vit
+from hf_vit import VARIANTS, VisionTransformerConfig
+
+
+def test_defaults_are_the_original_vit_b16_at_224():
+    config = AutoConfig.for_model("hf_vit", num_labels=10)
+    assert isinstance(config, VisionTransformerConfig)
+    assert (config.image_size, config.patch_size, config.num_channels) == (224, 16, 3)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert config.intermediate_size == 3072
+    assert config.layer_norm_eps == 1e-6
+    assert config.hidden_act == "gelu_pytorch_tanh"
+    assert config.classifier == "token" and config.representation_size is None
+    assert config.hidden_dropout_prob == 0.0 and config.attention_probs_dropout_prob == 0.0
+    assert config.qkv_bias is True and config.num_labels == 10
+    assert config.grid_size == (14, 14)
+
+
+def test_auto_map_names_all_three_auto_classes():
+    assert VisionTransformerConfig().auto_map == {
+        "AutoConfig": "configuration_hf_vit.VisionTransformerConfig",
+        "AutoModel": "modeling_hf_vit.VisionTransformerModel",
+        "AutoModelForImageClassification": "modeling_hf_vit.VisionTransformerForImageClassification",
+    }
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("ViT-Ti_16", (192, 12, 3, 768, 16)),
+        ("ViT-S/16", (384, 12, 6, 1536, 16)),
+        ("S_32", (384, 12, 6, 1536, 32)),
+        ("ViT-B_8", (768, 12, 12, 3072, 8)),
+        ("ViT-B/16", (768, 12, 12, 3072, 16)),
+        ("vit-b32", (768, 12, 12, 3072, 32)),
+        ("ViT-L_16", (1024, 24, 16, 4096, 16)),
+        ("L/32", (1024, 24, 16, 4096, 32)),
+        ("ViT-H_14", (1280, 32, 16, 5120, 14)),
+    ],
+)
+def test_from_variant_accepts_both_spellings(name, expected):
+    config = VisionTransformerConfig.from_variant(name, num_labels=10)
+    sizes = (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.patch_size,
+    )
+    assert sizes == expected
+    assert config.num_labels == 10
+
+
+def test_variant_table_covers_the_paper():
+    assert set(VARIANTS) == {"Ti/16", "S/16", "S/32", "B/8", "B/16", "B/32", "L/16", "L/32", "H/14"}
+
+
+def test_from_variant_overrides_win():
+    config = VisionTransformerConfig.from_variant("ViT-B_16", image_size=384, hidden_act="gelu")
+    assert config.image_size == 384 and config.hidden_act == "gelu" and config.grid_size == (24, 24)
+
+
+def test_non_square_image_size_round_trips(tmp_path):
+    config = tiny_config(image_size=(32, 48))
+    assert config.grid_size == (4, 6)
+    config.save_pretrained(tmp_path)
+    assert VisionTransformerConfig.from_pretrained(tmp_path).grid_size == (4, 6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=30), r"hidden_size \(30\) must be divisible by num_attention_heads \(4\)"),
+        (dict(image_size=30), r"image_size 30x30 must be a positive multiple of patch_size 8x8"),
+        (dict(image_size=(32, 36)), r"image_size 32x36 must be a positive multiple of patch_size 8x8"),
+        (dict(classifier="mean"), r"classifier must be one of \('token', 'gap'\), got 'mean'"),
+        (dict(representation_size=0), r"representation_size must be a positive int or None"),
+        (dict(hidden_act="swishy"), r"hidden_act 'swishy' is unknown"),
+        (dict(hidden_dropout_prob=1.5), r"hidden_dropout_prob must be in \[0, 1\), got 1.5"),
+        (dict(num_hidden_layers=0), r"num_hidden_layers, intermediate_size and num_channels must be positive"),
+    ],
+)
+def test_invalid_combinations_raise_one_line_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message) as error:
+        tiny_config(**overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"Unknown ViT variant 'ViT-X_16': expected one of ViT-Ti_16, ViT-S_16"):
+        VisionTransformerConfig.from_variant("ViT-X_16")
+
+
+def test_package_exports():
+    assert hf_vit.IMAGE_MEAN == hf_vit.IMAGE_STD == (0.5, 0.5, 0.5)
+    assert AutoConfig.for_model("hf_vit").__class__ is VisionTransformerConfig
