@@ -71,8 +71,7 @@ def fuse_heads(
     the prefix tokens (the attention *to* the class token), which are always kept.
     """
     _check_options(head_fusion, discard_ratio)
-    fused = getattr(attention, head_fusion)(dim=1)
-    fused = fused.values if head_fusion != "mean" else fused  # max / min return (values, indices)
+    fused = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[head_fusion](attention, dim=1)  # (B, S, S)
     if discard_ratio == 0.0:
         return fused
     batch_size, num_tokens, _ = fused.shape
