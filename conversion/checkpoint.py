@@ -1,0 +1,362 @@
+"""Reading checkpoints one tensor at a time, and detecting the architecture from the tensors alone.
+
+Two sources: Google's vit_jax `.npz` files (the Flax parameter tree flattened with '/') and the seed repo's
+`*_checkpoint.bin` (`torch.save(model.state_dict())`, keys already in hf_vit's names). Both are read through the same
+small interface: `keys()`, `shape(key)`, `load(key) -> float32 np.ndarray`. Headers are read without the data, so the
+architecture, the key table and the output layout are all settled before the first tensor is loaded.
+"""
+
+import math
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConversionError
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+NPY_MAGIC = b"\x93NUMPY"
+
+# Some old vit_jax files store the parameters under the optimizer's target.
+OLD_PREFIXES = ("opt/target/",)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything about a ViT that its tensors determine (and the heads, which a seed checkpoint cannot)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int | None
+    mlp_dim: int
+    patch_size: tuple[int, int]
+    num_channels: int
+    grid: tuple[int, int]  # the patch grid the position embeddings are laid out for
+    num_classes: int
+    classifier: str  # "token" or "gap"
+    representation_size: int | None  # pre_logits width, None without pre_logits
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.classifier == "token" else 0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1]
+
+    def describe(self) -> str:
+        patch = self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else "x".join(map(str, self.patch_size))
+        height, width = self.image_size
+        parts = [
+            f"hidden {self.hidden_size}",
+            f"{self.num_layers} layers",
+            f"{self.num_heads} heads" if self.num_heads else "heads unknown",
+            f"MLP {self.mlp_dim}",
+            f"patch {patch}",
+            f"{height}x{width} px",
+            f"{self.num_classes} classes",
+            f"classifier {self.classifier}",
+        ]
+        if self.representation_size:
+            parts.append(f"pre_logits {self.representation_size}")
+        return ", ".join(parts)
+
+
+def _format_shape(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
+
+
+class NpzCheckpoint:
+    """A vit_jax `.npz`: headers read up front, arrays loaded one at a time with `allow_pickle=False`."""
+
+    kind = "npz"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with open(self.path, "rb") as file:
+            magic = file.read(6)
+        if magic.startswith(NPY_MAGIC):
+            raise ConversionError(
+                f"{self.path} is a single .npy array, not an .npz archive of ViT parameters: pass the original .npz."
+            )
+        if not magic.startswith((ZIP_MAGIC, EMPTY_ZIP_MAGIC)):
+            raise ConversionError(
+                f"{self.path} is not an .npz (zip) archive (it starts with {magic[:4]!r}): pass a vit_jax .npz or a "
+                "seed *_checkpoint.bin."
+            )
+        try:
+            # allow_pickle=False: an .npz from the internet must never execute code when it is read.
+            self._npz = np.load(self.path, allow_pickle=False)
+            members = self._npz.zip.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+            raise ConversionError(
+                f"{self.path} is truncated or corrupt ({_one_line(error)}): download it again."
+            ) from None
+        self._names: dict[str, str] = {}  # parameter key -> member name inside the zip
+        self._headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for member in members:
+            key = member[: -len(".npy")] if member.endswith(".npy") else member
+            for prefix in OLD_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+            self._names[key] = member
+            self._headers[key] = self._read_header(member, key)
+        if not self._names:
+            raise ConversionError(f"{self.path} is an empty archive: it holds no ViT parameters.")
+
+    def _read_header(self, member: str, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        try:
+            with self._npz.zip.open(member) as file:
+                version = np.lib.format.read_magic(file)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(file)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as error:
+            raise ConversionError(
+                f"{self.path}: {key!r} is not a readable NumPy array ({_one_line(error)}): the file is truncated, "
+                "corrupt or not a vit_jax checkpoint."
+            ) from None
+        if dtype.hasobject:
+            raise ConversionError(
+                f"{self.path}: {key!r} holds pickled Python objects (dtype {dtype}), which are never loaded "
+                "(allow_pickle=False): a ViT checkpoint holds only float arrays."
+            )
+        if dtype.kind != "f":
+            raise ConversionError(
+                f"{self.path}: {key!r} has dtype {dtype}, expected floating-point weights (float16/32/64)."
+            )
+        return tuple(int(s) for s in shape), dtype
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._headers[key][0]
+
+    def load(self, key: str) -> np.ndarray:
+        """The array under `key` as float32 (native byte order), checked to be finite."""
+        try:
+            array = self._npz[self._names[key]]
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+            raise ConversionError(
+                f"{self.path}: reading {key!r} failed ({_one_line(error)}): the file is truncated or corrupt."
+            ) from None
+        return _checked_float32(array, key, self.path)
+
+    __getitem__ = load  # the NumPy reference reads parameters by their vit_jax names
+
+    def close(self) -> None:
+        self._npz.close()
+
+
+class SeedCheckpoint:
+    """A seed repo `*_checkpoint.bin`: a state dict of tensors in hf_vit's names, read with `weights_only=True`."""
+
+    kind = "seed"
+
+    def __init__(self, path: str | os.PathLike):
+        import torch
+
+        self.path = Path(path)
+        try:
+            # weights_only=True: only tensors and plain containers are unpickled, never arbitrary objects.
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=_is_zip(self.path))
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+            raise ConversionError(
+                f"{self.path} is not a loadable PyTorch state dict ({_one_line(error)}): pass a seed "
+                "*_checkpoint.bin saved with torch.save(model.state_dict())."
+            ) from None
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConversionError(
+                f"{self.path} does not hold a state dict of tensors (found {type(state).__name__}): pass a seed "
+                "*_checkpoint.bin saved with torch.save(model.state_dict())."
+            )
+        # DataParallel / DistributedDataParallel prefix every key with "module.".
+        self._tensors = {k.removeprefix("module."): v for k, v in state.items()}
+        for key, tensor in self._tensors.items():
+            if not tensor.is_floating_point():
+                raise ConversionError(
+                    f"{self.path}: {key!r} has dtype {tensor.dtype}, expected floating-point weights."
+                )
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def load(self, key: str) -> np.ndarray:
+        return _checked_float32(self._tensors[key].detach().float().numpy(), key, self.path)
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(4) == ZIP_MAGIC
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def _checked_float32(array: np.ndarray, key: str, path: Path) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.kind != "f":
+        raise ConversionError(f"{path}: {key!r} has dtype {array.dtype}, expected floating-point weights.")
+    array = array.astype(np.float32, copy=False) if array.dtype == np.float32 else array.astype(np.float32)
+    # A float32 sum overflows to inf only for huge weights; then the exact element-wise check decides.
+    if not np.isfinite(array.sum()) and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise ConversionError(
+            f"{path}: {key!r} contains {bad} NaN or infinite values of {array.size}: the checkpoint is corrupt."
+        )
+    return array
+
+
+def open_checkpoint(path: str | os.PathLike) -> NpzCheckpoint | SeedCheckpoint:
+    """An `.npz` (by its zip content) or a seed `.bin`/`.pt`/`.pth` (by its name)."""
+    path = Path(path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return SeedCheckpoint(path)
+    return NpzCheckpoint(path)
+
+
+# --- architecture detection ---------------------------------------------------------------------------------------
+
+NPZ_PATCH_KERNEL = "embedding/kernel"
+NPZ_POSEMB = "Transformer/posembed_input/pos_embedding"
+NPZ_BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
+SEED_PATCH_WEIGHT = "transformer.embeddings.patch_embeddings.weight"
+SEED_POSEMB = "transformer.embeddings.position_embeddings"
+SEED_BLOCK = re.compile(r"transformer\.encoder\.layer\.(\d+)\.")
+
+
+def _require(checkpoint, key: str, ndim: int, meaning: str) -> tuple[int, ...]:
+    if key not in checkpoint.keys():
+        raise ConversionError(f"{checkpoint.path}: missing key {key!r} ({meaning}): not a complete ViT checkpoint.")
+    shape = checkpoint.shape(key)
+    if len(shape) != ndim:
+        raise ConversionError(
+            f"{checkpoint.path}: {key!r} has shape {_format_shape(shape)}, expected {ndim} dimensions ({meaning})."
+        )
+    return shape
+
+
+def _count_layers(checkpoint, pattern: re.Pattern) -> int:
+    indices = {int(m[1]) for key in checkpoint.keys() if (m := pattern.match(key))}
+    if not indices:
+        raise ConversionError(f"{checkpoint.path}: no encoder blocks found: not a ViT checkpoint.")
+    return max(indices) + 1  # a gap in the indices shows up as missing keys of that block
+
+
+def _grid(num_patches: int, key: str, checkpoint, source_grid: tuple[int, int] | None, hint: str) -> tuple[int, int]:
+    """The position-embedding grid: given, or square as vit_jax assumes (`checkpoint.interpolate_posembed`)."""
+    if source_grid is not None:
+        if source_grid[0] * source_grid[1] != num_patches:
+            raise ConversionError(
+                f"{checkpoint.path}: {key!r} has {num_patches} patch rows, which is not a "
+                f"{source_grid[0]}x{source_grid[1]} grid: check the source image size."
+            )
+        return source_grid
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ConversionError(
+            f"{checkpoint.path}: {key!r} has {num_patches} patch rows, not a square grid{hint}: pass the "
+            "pre-training resolution as source_image_size (--source-image-size H W)."
+        )
+    return side, side
+
+
+def detect_npz_architecture(checkpoint: NpzCheckpoint, source_grid: tuple[int, int] | None = None) -> Architecture:
+    """Read the architecture off the shapes of a vit_jax checkpoint; no table of variants is needed."""
+    keys = set(checkpoint.keys())
+    if any(k.startswith(("conv_root/", "block1/", "gn_root/")) for k in keys):
+        raise ConversionError(
+            f"{checkpoint.path} is a hybrid ResNet+ViT (R50+ViT) checkpoint: hf_vit converts plain ViTs only."
+        )
+    if any(k.startswith(("params/", "img/")) for k in keys) or any("MlpBlock_0" in k for k in keys):
+        raise ConversionError(
+            f"{checkpoint.path} uses the big_vision key layout (params/..., MlpBlock_0): only the vit_jax layout "
+            "(Transformer/encoderblock_i/...) is supported."
+        )
+    patch_h, patch_w, channels, hidden = _require(checkpoint, NPZ_PATCH_KERNEL, 4, "patch embedding, (P, P, 3, D)")
+    classifier = "token" if "cls" in keys else "gap"
+    _, tokens, _ = _require(checkpoint, NPZ_POSEMB, 3, "position embeddings, (1, N + 1, D)")
+    prefix = 1 if classifier == "token" else 0
+    hint = "" if classifier == "token" else " (no 'cls' key, so no class-token row is expected: is 'cls' missing?)"
+    grid = _grid(tokens - prefix, NPZ_POSEMB, checkpoint, source_grid, hint)
+    num_layers = _count_layers(checkpoint, NPZ_BLOCK)
+    query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
+    _, num_heads, _ = _require(checkpoint, query, 3, "query kernel, (D, heads, D / heads)")
+    _, mlp_dim = _require(checkpoint, "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel", 2, "MLP kernel, (D, M)")
+    representation_size = None
+    if "pre_logits/kernel" in keys:
+        representation_size = _require(checkpoint, "pre_logits/kernel", 2, "pre_logits kernel, (D, R)")[1]
+    _, num_classes = _require(checkpoint, "head/kernel", 2, "classifier kernel, (D or R, classes)")
+    return Architecture(
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        mlp_dim=mlp_dim,
+        patch_size=(patch_h, patch_w),
+        num_channels=channels,
+        grid=grid,
+        num_classes=num_classes,
+        classifier=classifier,
+        representation_size=representation_size,
+    )
+
+
+def detect_seed_architecture(
+    checkpoint: SeedCheckpoint, num_heads: int | None, source_grid: tuple[int, int] | None = None
+) -> Architecture:
+    """Read the architecture off a seed state dict; the heads are not in the shapes and come from `--variant`."""
+    keys = set(checkpoint.keys())
+    if any(".hybrid_model." in k for k in keys):
+        raise ConversionError(
+            f"{checkpoint.path} is a hybrid ResNet+ViT (R50-ViT) checkpoint: hf_vit converts plain ViTs only."
+        )
+    hidden, channels, patch_h, patch_w = _require(checkpoint, SEED_PATCH_WEIGHT, 4, "patch embedding, (D, 3, P, P)")
+    _, tokens, _ = _require(checkpoint, SEED_POSEMB, 3, "position embeddings, (1, N + 1, D)")
+    classifier = "token" if "transformer.embeddings.cls_token" in keys else "gap"
+    grid = _grid(tokens - (classifier == "token"), SEED_POSEMB, checkpoint, source_grid, "")
+    num_layers = _count_layers(checkpoint, SEED_BLOCK)
+    mlp_dim, _ = _require(checkpoint, "transformer.encoder.layer.0.ffn.fc1.weight", 2, "MLP weight, (M, D)")
+    num_classes, _ = _require(checkpoint, "head.weight", 2, "classifier weight, (classes, D)")
+    representation_size = None
+    if "pre_logits.weight" in keys:
+        representation_size = _require(checkpoint, "pre_logits.weight", 2, "pre_logits weight, (R, D)")[0]
+    return Architecture(
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        mlp_dim=mlp_dim,
+        patch_size=(patch_h, patch_w),
+        num_channels=channels,
+        grid=grid,
+        num_classes=num_classes,
+        classifier=classifier,
+        representation_size=representation_size,
+    )
+
+
+__all__ = [
+    "Architecture",
+    "NpzCheckpoint",
+    "SeedCheckpoint",
+    "detect_npz_architecture",
+    "detect_seed_architecture",
+    "open_checkpoint",
+]

@@ -1,0 +1,97 @@
+"""`hf-vit-convert SOURCE OUTPUT_DIR [options]` (also `python -m conversion`): a thin layer over `convert()`."""
+
+import argparse
+import sys
+
+from .errors import ConversionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-vit-convert",
+        description="Convert Google's original ViT checkpoints (.npz) or a seed *_checkpoint.bin into a Hub-ready "
+        "hf_vit folder, verified against a NumPy implementation of the original Flax model.",
+    )
+    parser.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a local .npz or *_checkpoint.bin, or an official name: ViT-B_16, imagenet21k/ViT-L_16, "
+        "imagenet21k+imagenet2012/ViT-B_16-224, or an augreg file name (downloaded into the cache)",
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to create (must not exist or be empty)")
+    parser.add_argument("--variant", help="e.g. ViT-B_16: cross-check the detected sizes (required for a .bin)")
+    parser.add_argument(
+        "--image-size", type=int, nargs="+", metavar="N", help="N or H W: resample the position embeddings"
+    )
+    parser.add_argument(
+        "--source-image-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="pre-training resolution N or H W, only needed when its patch grid is not square",
+    )
+    parser.add_argument("--num-labels", type=int, help="new zero-initialised classifier with N classes")
+    parser.add_argument("--labels", help="class names: a file with one per line, or 'imagenet-1k'")
+    parser.add_argument(
+        "--keep-pre-logits", action="store_true", help="keep pre_logits when --num-labels replaces the head"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--export",
+        default="hf_vit",
+        choices=("hf_vit", "transformers-vit"),
+        help="transformers-vit: a folder for stock transformers.ViTForImageClassification (no remote code)",
+    )
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    parser.add_argument("--verify-images", type=int, default=2, help="random inputs used by verification")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    parser.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size")
+    parser.add_argument("--cache-dir", help="where official checkpoints are downloaded (default: ~/.cache/hf_vit)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="create REPO_ID and upload once verification passed")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--revision", help="branch to upload to (created if needed)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .convert import convert
+
+    def one(values):
+        return None if values is None else (values[0] if len(values) == 1 else values)
+
+    try:
+        convert(
+            args.source,
+            args.output_dir,
+            variant=args.variant,
+            image_size=one(args.image_size),
+            source_image_size=one(args.source_image_size),
+            num_labels=args.num_labels,
+            labels=args.labels,
+            keep_pre_logits=args.keep_pre_logits,
+            dtype=args.dtype,
+            export=args.export,
+            verify=args.verify,
+            verify_images=args.verify_images,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            cache_dir=args.cache_dir,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+            revision=args.revision,
+            progress=not args.quiet,
+            log=None if args.quiet else print,
+        )
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

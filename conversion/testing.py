@@ -1,0 +1,178 @@
+"""Random checkpoints in the exact layouts of Google's vit_jax `.npz` files and of the seed repo's `*_checkpoint.bin`.
+
+For tests, examples and benchmarks: no network, any size. The weights are random with realistic scales (fan-in
+normalised kernels, LayerNorm scales near 1) so that activations stay O(1) through the blocks and a parity test
+between two implementations has something to compare.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def random_vit_arrays(
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    mlp_dim: int = 37,
+    patch_size: int = 8,
+    image_size: int | tuple[int, int] = 32,
+    num_classes: int = 10,
+    classifier: str = "token",
+    representation_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The parameter tree of vit_jax `VisionTransformer`, flattened with '/' as in the released `.npz` files."""
+    if classifier not in ("token", "gap"):
+        raise ValueError(f"classifier must be 'token' or 'gap', got {classifier!r}.")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image_size {height}x{width} must be a multiple of patch_size {patch_size}.")
+    rng = np.random.default_rng(seed)
+    head_dim = hidden_size // num_heads
+    num_tokens = (height // patch_size) * (width // patch_size) + (1 if classifier == "token" else 0)
+
+    def normal(shape, fan_in):
+        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    def small(shape):
+        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    def scale(shape):
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    arrays = {
+        "embedding/kernel": normal((patch_size, patch_size, 3, hidden_size), patch_size * patch_size * 3),
+        "embedding/bias": small((hidden_size,)),
+    }
+    if classifier == "token":
+        arrays["cls"] = small((1, 1, hidden_size))
+    arrays["Transformer/posembed_input/pos_embedding"] = small((1, num_tokens, hidden_size))
+    for i in range(num_layers):
+        block = f"Transformer/encoderblock_{i}"
+        attention = f"{block}/MultiHeadDotProductAttention_1"
+        arrays[f"{block}/LayerNorm_0/scale"] = scale((hidden_size,))
+        arrays[f"{block}/LayerNorm_0/bias"] = small((hidden_size,))
+        for name in ("query", "key", "value"):
+            arrays[f"{attention}/{name}/kernel"] = normal((hidden_size, num_heads, head_dim), hidden_size)
+            arrays[f"{attention}/{name}/bias"] = small((num_heads, head_dim))
+        arrays[f"{attention}/out/kernel"] = normal((num_heads, head_dim, hidden_size), hidden_size)
+        arrays[f"{attention}/out/bias"] = small((hidden_size,))
+        arrays[f"{block}/LayerNorm_2/scale"] = scale((hidden_size,))
+        arrays[f"{block}/LayerNorm_2/bias"] = small((hidden_size,))
+        arrays[f"{block}/MlpBlock_3/Dense_0/kernel"] = normal((hidden_size, mlp_dim), hidden_size)
+        arrays[f"{block}/MlpBlock_3/Dense_0/bias"] = small((mlp_dim,))
+        arrays[f"{block}/MlpBlock_3/Dense_1/kernel"] = normal((mlp_dim, hidden_size), mlp_dim)
+        arrays[f"{block}/MlpBlock_3/Dense_1/bias"] = small((hidden_size,))
+    arrays["Transformer/encoder_norm/scale"] = scale((hidden_size,))
+    arrays["Transformer/encoder_norm/bias"] = small((hidden_size,))
+    head_in = hidden_size
+    if representation_size:
+        arrays["pre_logits/kernel"] = normal((hidden_size, representation_size), hidden_size)
+        arrays["pre_logits/bias"] = small((representation_size,))
+        head_in = representation_size
+    arrays["head/kernel"] = normal((head_in, num_classes), head_in)
+    arrays["head/bias"] = small((num_classes,))
+    return arrays
+
+
+def write_random_npz(
+    path: str | os.PathLike,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    mlp_dim: int = 37,
+    patch_size: int = 8,
+    image_size: int | tuple[int, int] = 32,
+    num_classes: int = 10,
+    classifier: str = "token",
+    representation_size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """
+    Write a random checkpoint with the key names, shapes and float32 dtype of Google's released ViT `.npz` files.
+
+    Args:
+        path: where to write (`.npz` is not appended).
+        hidden_size, num_layers, num_heads, mlp_dim, patch_size: the architecture (defaults: the tiny test model).
+        image_size: pre-training resolution, an int or `(height, width)`; sets the position-embedding grid.
+        num_classes: width of the head.
+        classifier: `"token"` (a `cls` token, position embeddings with one extra row) or `"gap"` (neither).
+        representation_size: add a `pre_logits` layer of that width, as in the ImageNet-21k releases.
+        seed: NumPy random seed.
+
+    Example:
+
+    ```python
+    >>> import tempfile, numpy as np
+    >>> from conversion.testing import write_random_npz
+    >>> path = write_random_npz(tempfile.mkdtemp() + "/tiny.npz", num_classes=5)
+    >>> np.load(path)["Transformer/posembed_input/pos_embedding"].shape
+    (1, 17, 32)
+    ```
+    """
+    arrays = random_vit_arrays(
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        mlp_dim=mlp_dim,
+        patch_size=patch_size,
+        image_size=image_size,
+        num_classes=num_classes,
+        classifier=classifier,
+        representation_size=representation_size,
+        seed=seed,
+    )
+    path = Path(path)
+    # np.savez would append ".npz" to a name without it; write through a file object to keep the name as given.
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+    return path
+
+
+def write_random_seed_checkpoint(
+    path: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    num_labels: int = 10,
+    image_size: int = 32,
+    seed: int = 0,
+    **config_kwargs,
+) -> Path:
+    """
+    Write a `*_checkpoint.bin` as the seed repo (jeonsworld/ViT-pytorch) saves it: `torch.save(model.state_dict())`.
+
+    hf_vit keeps the seed's module names, so a random hf_vit classifier's state dict has exactly the seed's keys.
+    Without `variant` the tiny test sizes are used; `config_kwargs` override any config field.
+    """
+    import torch
+
+    from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, patch_size=8)
+    fields = dict(image_size=image_size, num_labels=num_labels, hidden_act="gelu", **config_kwargs)
+    if variant:
+        config = VisionTransformerConfig.from_variant(variant, **fields)
+    else:
+        config = VisionTransformerConfig(**{**tiny, **fields})
+    torch.manual_seed(seed)
+    model = VisionTransformerForImageClassification(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("cls_token", "position_embeddings")) or (parameter.ndim == 1 and "bias" in name):
+                parameter.copy_(0.1 * torch.randn_like(parameter))
+            elif parameter.ndim == 1:  # LayerNorm scales
+                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
+            else:  # fan-in normalised kernels, the head included (a fresh hf_vit head is zero)
+                parameter.copy_(torch.randn_like(parameter) / parameter[0].numel() ** 0.5)
+    path = Path(path)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+__all__ = ["random_vit_arrays", "write_random_npz", "write_random_seed_checkpoint"]
