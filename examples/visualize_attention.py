@@ -138,6 +138,9 @@ def save_png(figure, output: str) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             figure.savefig(file, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; a PNG is shared like any output
         os.replace(temporary, output)
     except BaseException:
         os.unlink(temporary)
