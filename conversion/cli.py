@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="pre-training resolution N or H W, only needed when its patch grid is not square",
     )
+    parser.add_argument("--num-heads", type=int, help="heads of a seed .bin whose sizes match no --variant")
     parser.add_argument("--num-labels", type=int, help="new zero-initialised classifier with N classes")
     parser.add_argument("--labels", help="class names: a file with one per line, or 'imagenet-1k'")
     parser.add_argument(
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             args.source,
             args.output_dir,
             variant=args.variant,
+            num_heads=args.num_heads,
             image_size=one(args.image_size),
             source_image_size=one(args.source_image_size),
             num_labels=args.num_labels,

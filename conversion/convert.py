@@ -300,6 +300,7 @@ def convert(
     private: bool = False,
     revision: str | None = None,
     source_image_size: int | Sequence[int] | None = None,
+    num_heads: int | None = None,
     verify_images: int = 2,
     max_shard_size: int | str = "5GB",
     cache_dir: str | os.PathLike | None = None,
@@ -324,6 +325,7 @@ def convert(
         overwrite: replace a non-empty `output_dir` (only once the new folder is complete).
         push_to_hub: a repo id to create and upload to once verification passed; `private`, `revision` (a branch).
         source_image_size: the pre-training resolution when the position embeddings are not a square grid.
+        num_heads: the number of attention heads of a seed `.bin` whose sizes match no named variant.
         verify_images: how many random inputs verification uses.
         max_shard_size: shard `model.safetensors` above this size (bytes or "5GB").
         log: where progress lines go (`None` for silence).
@@ -369,6 +371,7 @@ def convert(
             output_dir,
             parent,
             variant=variant,
+            num_heads=num_heads,
             target_size=target_size,
             num_labels=None if num_labels is None else int(num_labels),
             labels=labels,
@@ -397,6 +400,7 @@ def _convert_checkpoint(
     parent: Path,
     *,
     variant,
+    num_heads,
     target_size,
     num_labels,
     labels,
@@ -423,15 +427,26 @@ def _convert_checkpoint(
         patch = shape[2:] if is_seed else shape[:2]
         source_grid = (source_grid_size[0] // patch[0], source_grid_size[1] // patch[1])
     if is_seed:
-        if variant is None:
+        if variant is None and num_heads is None:
             raise ConversionError(
                 f"{resolved.path} is a seed *_checkpoint.bin, which carries no config: pass --variant (e.g. ViT-B_16)."
             )
         arch = detect_seed_architecture(checkpoint, None, source_grid)
-        arch = dataclasses.replace(arch, num_heads=_check_variant(variant, arch, resolved.path))
+        heads = _check_variant(variant, arch, resolved.path) or num_heads
+        if num_heads is not None and heads != num_heads:
+            raise ConversionError(f"--num-heads {num_heads} contradicts --variant {variant}, which has {heads} heads.")
+        if arch.hidden_size % heads:
+            raise ConversionError(
+                f"hidden size {arch.hidden_size} is not divisible by {heads} heads: check --num-heads."
+            )
+        arch = dataclasses.replace(arch, num_heads=heads)
     else:
         arch = detect_npz_architecture(checkpoint, source_grid)
         _check_variant(variant, arch, resolved.path)
+        if num_heads is not None and num_heads != arch.num_heads:
+            raise ConversionError(
+                f"--num-heads {num_heads} contradicts the checkpoint, which has {arch.num_heads} heads."
+            )
     say(f"{resolved.name}: {arch.describe()}")
 
     # 2. Output geometry, labels and the target config.

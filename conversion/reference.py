@@ -19,7 +19,7 @@ LAYER_NORM_EPS = 1e-6  # flax.linen.LayerNorm default, used by vit_jax
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """jax.nn.gelu(approximate=True), what Flax `nn.gelu` computes."""
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def gelu_exact(x: np.ndarray) -> np.ndarray:
@@ -174,10 +174,11 @@ def flax_vit_forward(
         def project(name: str, y: np.ndarray = y, attention: str = attention) -> np.ndarray:
             kernel = param(f"{attention}/{name}/kernel")  # (D, H, d)
             y = y @ kernel.reshape(hidden, -1) + param(f"{attention}/{name}/bias").reshape(-1)
-            return y.reshape(batch, -1, *kernel.shape[1:]).transpose(0, 2, 1, 3)  # (B, H, S, d)
+            # contiguous (B, H, S, d), so that the batched matmuls below go to BLAS
+            return np.ascontiguousarray(y.reshape(batch, -1, *kernel.shape[1:]).transpose(0, 2, 1, 3))
 
         q, k, v = project("query"), project("key"), project("value")
-        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])  # (B, H, S, S)
+        scores = q @ np.ascontiguousarray(k.transpose(0, 1, 3, 2)) / math.sqrt(q.shape[-1])  # (B, H, S, S)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         weights = scores / scores.sum(-1, keepdims=True)
         heads = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, -1, hidden)  # (B, S, H * d)

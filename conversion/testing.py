@@ -160,18 +160,23 @@ def write_random_seed_checkpoint(
         config = VisionTransformerConfig.from_variant(variant, **fields)
     else:
         config = VisionTransformerConfig(**{**tiny, **fields})
-    torch.manual_seed(seed)
-    model = VisionTransformerForImageClassification(config)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("cls_token", "position_embeddings")) or (parameter.ndim == 1 and "bias" in name):
-                parameter.copy_(0.1 * torch.randn_like(parameter))
-            elif parameter.ndim == 1:  # LayerNorm scales
-                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
-            else:  # fan-in normalised kernels, the head included (a fresh hf_vit head is zero)
-                parameter.copy_(torch.randn_like(parameter) / parameter[0].numel() ** 0.5)
+    # The shapes from a weightless model; random values with realistic scales (a fresh init would take seconds).
+    with torch.device("meta"):
+        shapes = {
+            key: value.shape for key, value in VisionTransformerForImageClassification(config).state_dict().items()
+        }
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        values = torch.randn(shape, generator=generator)
+        if key.endswith(("cls_token", "position_embeddings")) or (len(shape) == 1 and key.endswith("bias")):
+            state[key] = 0.1 * values
+        elif len(shape) == 1:  # LayerNorm scales
+            state[key] = 1.0 + 0.1 * values
+        else:  # fan-in normalised kernels, the head included (a fresh hf_vit head would be zero)
+            state[key] = values / shape[1:].numel() ** 0.5
     path = Path(path)
-    torch.save(model.state_dict(), path)
+    torch.save(state, path)
     return path
 
 

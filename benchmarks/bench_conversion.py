@@ -1,0 +1,114 @@
+"""Speed and memory of `conversion.convert` on a ViT-B/16-sized random .npz (346 MB), against `cp` of the same file.
+
+Targets (issue 3): conversion wall time <= 3x `cp` (reading the npz alone is about 1x, writing safetensors 2x) and
+peak RSS growth <= 1.5x the checkpoint size. Each conversion runs in a fresh process that imports everything first,
+then reports its wall time and its peak resident memory (VmHWM) above the resident memory before the call (VmRSS).
+`cp` and the conversion alternate, round after round, on a warm page cache; the table shows medians over rounds.
+
+    python benchmarks/bench_conversion.py               # ViT-B/16, 3 rounds, without and with verification
+    python benchmarks/bench_conversion.py --tiny        # the tests' tiny model: seconds, measures nothing
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+B16 = dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, patch_size=16, image_size=224, num_classes=1000)
+TINY = dict(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=37, patch_size=8, image_size=32, num_classes=10)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe(source: str, output: str, verify: bool) -> None:
+    """Child process: one conversion, measured; prints a JSON line."""
+    import torch  # noqa: F401  (imported before the baseline, like every other heavy module)
+    import transformers  # noqa: F401
+
+    import hf_vit  # noqa: F401
+    from conversion import convert
+
+    baseline = _status_kib("VmRSS")
+    start = time.perf_counter()
+    convert(source, output, verify=verify, verify_images=1, log=None, progress=False)
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"seconds": seconds, "rss_growth_bytes": (peak - baseline) * 1024}))
+
+
+def _run_probe(source: Path, output: Path, verify: bool) -> dict:
+    command = [sys.executable, __file__, "--probe", str(source), str(output)] + (["--verify"] if verify else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    shutil.rmtree(output)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _time_cp(source: Path, destination: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cp", str(source), str(destination)], check=True)
+    seconds = time.perf_counter() - start
+    destination.unlink()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny model instead of ViT-B/16")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", help="where the .npz and outputs go (default: a temporary folder)")
+    parser.add_argument("--no-verify-run", action="store_true", help="skip the rounds with verification")
+    parser.add_argument("--probe", nargs=2, metavar=("SOURCE", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--verify", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        probe(*args.probe, verify=args.verify)
+        return
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-conversion-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = workdir / ("vit-tiny.npz" if args.tiny else "vit-b16-random.npz")
+    if not source.exists():  # written by a child process so that its memory never counts
+        sizes = TINY if args.tiny else B16
+        code = f"from conversion.testing import write_random_npz; write_random_npz({str(source)!r}, **{sizes!r})"
+        subprocess.run([sys.executable, "-c", code], check=True)
+    size = source.stat().st_size
+    source.read_bytes()  # warm the page cache for every contender alike
+
+    rows = {"cp": [], "convert": [], "convert + verify": []}
+    for _ in range(args.rounds):
+        rows["cp"].append({"seconds": _time_cp(source, workdir / "copy.npz")})
+        rows["convert"].append(_run_probe(source, workdir / "out", verify=False))
+        if not args.no_verify_run:
+            rows["convert + verify"].append(_run_probe(source, workdir / "out", verify=True))
+
+    cp_seconds = statistics.median(r["seconds"] for r in rows["cp"])
+    print(f"checkpoint: {source.name}, {size / 1e6:.1f} MB; {args.rounds} rounds, medians; CPUs: {os.cpu_count()}")
+    print(f"{'':18} {'wall s':>8} {'x cp':>6} {'peak RSS growth MB':>19} {'x file':>7}")
+    for name, runs in rows.items():
+        if not runs:
+            continue
+        seconds = statistics.median(r["seconds"] for r in runs)
+        line = f"{name:18} {seconds:8.2f} {seconds / cp_seconds:6.2f}"
+        if "rss_growth_bytes" in runs[0]:
+            growth = statistics.median(r["rss_growth_bytes"] for r in runs)
+            line += f" {growth / 1e6:19.1f} {growth / size:7.2f}"
+        print(line)
+    if not args.workdir:
+        shutil.rmtree(workdir)
+
+
+if __name__ == "__main__":
+    main()
