@@ -3,7 +3,7 @@
 `convert(source, output_dir, **options)` is the API; `hf-vit-convert` / `python -m conversion` the CLI over it.
 """
 
-from .convert import EXPORTS, VERIFY_TOLERANCE, convert, imagenet1k_labels
+from .converter import EXPORTS, VERIFY_TOLERANCE, convert, imagenet1k_labels
 from .errors import ConversionError
 
 

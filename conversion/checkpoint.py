@@ -8,7 +8,6 @@ architecture, the key table and the output layout are all settled before the fir
 
 import math
 import os
-import pickle
 import re
 import zipfile
 from dataclasses import dataclass
@@ -168,7 +167,7 @@ class SeedCheckpoint:
         try:
             # weights_only=True: only tensors and plain containers are unpickled, never arbitrary objects.
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=_is_zip(self.path))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+        except Exception as error:  # torch.load fails in many ways (UnpicklingError, struct.error, RuntimeError...)
             raise ConversionError(
                 f"{self.path} is not a loadable PyTorch state dict ({_one_line(error)}): pass a seed "
                 "*_checkpoint.bin saved with torch.save(model.state_dict())."

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .convert import convert
+    from .converter import convert
 
     def one(values):
         return None if values is None else (values[0] if len(values) == 1 else values)

@@ -40,7 +40,7 @@ _AUGREG_FIELDS = {
 
 @dataclass
 class CardInfo:
-    """What the card says; filled by `conversion.convert`."""
+    """What the card says; filled by `conversion.convert()`."""
 
     title: str
     source_name: str
