@@ -260,8 +260,13 @@ def _count_layers(checkpoint, pattern: re.Pattern) -> int:
     return max(indices) + 1  # a gap in the indices shows up as missing keys of that block
 
 
-def _grid(num_patches: int, key: str, checkpoint, source_grid: tuple[int, int] | None, hint: str) -> tuple[int, int]:
-    """The position-embedding grid: given, or square as vit_jax assumes (`checkpoint.interpolate_posembed`)."""
+def _grid(
+    num_patches: int, key: str, checkpoint, source_grid: tuple[int, int] | None, target_grid, hint: str
+) -> tuple[int, int]:
+    """
+    The position-embedding grid: as given; else square, as vit_jax assumes (`checkpoint.interpolate_posembed`); else,
+    for a patch count that no square has, the target grid when it has exactly that many patches.
+    """
     if source_grid is not None:
         if source_grid[0] * source_grid[1] != num_patches:
             raise ConversionError(
@@ -270,15 +275,19 @@ def _grid(num_patches: int, key: str, checkpoint, source_grid: tuple[int, int] |
             )
         return source_grid
     side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ConversionError(
-            f"{checkpoint.path}: {key!r} has {num_patches} patch rows, not a square grid{hint}: pass the "
-            "pre-training resolution as source_image_size (--source-image-size H W)."
-        )
-    return side, side
+    if side * side == num_patches:
+        return side, side
+    if target_grid is not None and target_grid[0] * target_grid[1] == num_patches:
+        return tuple(target_grid)
+    raise ConversionError(
+        f"{checkpoint.path}: {key!r} has {num_patches} patch rows, not a square grid{hint}: pass the "
+        "pre-training resolution as source_image_size (--source-image-size H W)."
+    )
 
 
-def detect_npz_architecture(checkpoint: NpzCheckpoint, source_grid: tuple[int, int] | None = None) -> Architecture:
+def detect_npz_architecture(
+    checkpoint: NpzCheckpoint, source_grid: tuple[int, int] | None = None, target_grid: tuple[int, int] | None = None
+) -> Architecture:
     """Read the architecture off the shapes of a vit_jax checkpoint; no table of variants is needed."""
     keys = set(checkpoint.keys())
     if any(k.startswith(("conv_root/", "block1/", "gn_root/")) for k in keys):
@@ -295,7 +304,7 @@ def detect_npz_architecture(checkpoint: NpzCheckpoint, source_grid: tuple[int, i
     _, tokens, _ = _require(checkpoint, NPZ_POSEMB, 3, "position embeddings, (1, N + 1, D)")
     prefix = 1 if classifier == "token" else 0
     hint = "" if classifier == "token" else " (no 'cls' key, so no class-token row is expected: is 'cls' missing?)"
-    grid = _grid(tokens - prefix, NPZ_POSEMB, checkpoint, source_grid, hint)
+    grid = _grid(tokens - prefix, NPZ_POSEMB, checkpoint, source_grid, target_grid, hint)
     num_layers = _count_layers(checkpoint, NPZ_BLOCK)
     query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
     _, num_heads, _ = _require(checkpoint, query, 3, "query kernel, (D, heads, D / heads)")
@@ -319,7 +328,10 @@ def detect_npz_architecture(checkpoint: NpzCheckpoint, source_grid: tuple[int, i
 
 
 def detect_seed_architecture(
-    checkpoint: SeedCheckpoint, num_heads: int | None, source_grid: tuple[int, int] | None = None
+    checkpoint: SeedCheckpoint,
+    num_heads: int | None,
+    source_grid: tuple[int, int] | None = None,
+    target_grid: tuple[int, int] | None = None,
 ) -> Architecture:
     """Read the architecture off a seed state dict; the heads are not in the shapes and come from `--variant`."""
     keys = set(checkpoint.keys())
@@ -330,7 +342,7 @@ def detect_seed_architecture(
     hidden, channels, patch_h, patch_w = _require(checkpoint, SEED_PATCH_WEIGHT, 4, "patch embedding, (D, 3, P, P)")
     _, tokens, _ = _require(checkpoint, SEED_POSEMB, 3, "position embeddings, (1, N + 1, D)")
     classifier = "token" if "transformer.embeddings.cls_token" in keys else "gap"
-    grid = _grid(tokens - (classifier == "token"), SEED_POSEMB, checkpoint, source_grid, "")
+    grid = _grid(tokens - (classifier == "token"), SEED_POSEMB, checkpoint, source_grid, target_grid, "")
     num_layers = _count_layers(checkpoint, SEED_BLOCK)
     mlp_dim, _ = _require(checkpoint, "transformer.encoder.layer.0.ffn.fc1.weight", 2, "MLP weight, (M, D)")
     num_classes, _ = _require(checkpoint, "head.weight", 2, "classifier weight, (classes, D)")

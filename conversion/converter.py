@@ -420,18 +420,21 @@ def _convert_checkpoint(
 ) -> Path:
     # 1. The architecture, from the tensors.
     is_seed = checkpoint.kind == "seed"
-    source_grid = None
+    source_grid = candidate_grid = None  # pixel sizes -> patch grids, once the patch size is known
     patch_key = SEED_PATCH_WEIGHT if is_seed else NPZ_PATCH_KERNEL
-    if source_grid_size is not None and patch_key in checkpoint.keys():
+    if patch_key in checkpoint.keys() and len(checkpoint.shape(patch_key)) == 4:
         shape = checkpoint.shape(patch_key)
         patch = shape[2:] if is_seed else shape[:2]
-        source_grid = (source_grid_size[0] // patch[0], source_grid_size[1] // patch[1])
+        if source_grid_size is not None:
+            source_grid = (source_grid_size[0] // patch[0], source_grid_size[1] // patch[1])
+        if target_size is not None:
+            candidate_grid = (target_size[0] // patch[0], target_size[1] // patch[1])
     if is_seed:
         if variant is None and num_heads is None:
             raise ConversionError(
                 f"{resolved.path} is a seed *_checkpoint.bin, which carries no config: pass --variant (e.g. ViT-B_16)."
             )
-        arch = detect_seed_architecture(checkpoint, None, source_grid)
+        arch = detect_seed_architecture(checkpoint, None, source_grid, candidate_grid)
         heads = _check_variant(variant, arch, resolved.path) or num_heads
         if num_heads is not None and heads != num_heads:
             raise ConversionError(f"--num-heads {num_heads} contradicts --variant {variant}, which has {heads} heads.")
@@ -441,7 +444,7 @@ def _convert_checkpoint(
             )
         arch = dataclasses.replace(arch, num_heads=heads)
     else:
-        arch = detect_npz_architecture(checkpoint, source_grid)
+        arch = detect_npz_architecture(checkpoint, source_grid, candidate_grid)
         _check_variant(variant, arch, resolved.path)
         if num_heads is not None and num_heads != arch.num_heads:
             raise ConversionError(

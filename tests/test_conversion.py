@@ -71,6 +71,26 @@ def test_converted_logits_match_the_flax_reference(tmp_path, npz_options, conver
     assert any(line.startswith("verification: max abs diff") for line in lines)
 
 
+def test_non_square_pre_training_grid(tmp_path):
+    npz = write_random_npz(tmp_path / "vit.npz", image_size=(32, 48))  # 4x6 patches: no square has 24
+    images = verification_images(2, 32, 48, seed=7)
+    folder = convert(npz, tmp_path / "same", image_size=(32, 48), log=None)
+    checkpoint = NpzCheckpoint(npz)
+    arch = detect_npz_architecture(checkpoint, (4, 6))
+    assert np.abs(logits_of(folder, images) - flax_vit_forward(checkpoint, arch, images)[1]).max() <= 1e-5
+    folder = convert(npz, tmp_path / "resampled", source_image_size=(32, 48), image_size=40, log=None)
+    images = verification_images(2, 40, 40, seed=7)
+    assert np.abs(logits_of(folder, images) - flax_vit_forward(checkpoint, arch, images)[1]).max() <= 1e-5
+
+
+def test_old_opt_target_prefix_is_understood(tmp_path):
+    arrays = {f"opt/target/{key}": value for key, value in random_vit_arrays().items()}
+    with open(tmp_path / "old.npz", "wb") as file:
+        np.savez(file, **arrays)
+    folder = convert(tmp_path / "old.npz", tmp_path / "out", log=None)
+    assert (folder / "model.safetensors").is_file()
+
+
 def test_position_embedding_resampling_equals_scipy_zoom(tmp_path):
     ndimage = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(0)

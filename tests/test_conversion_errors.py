@@ -109,6 +109,12 @@ BAD_SOURCES = [
         id="hybrid",
     ),
     pytest.param(altered(lambda a: a.pop("cls")), [], "is 'cls' missing?", id="missing-cls"),
+    pytest.param(
+        lambda tmp_path: write_random_npz(tmp_path / "wide.npz", image_size=(32, 48)),
+        [],
+        "has 24 patch rows, not a square grid: pass the pre-training resolution as source_image_size",
+        id="non-square-grid-without-its-size",
+    ),
     pytest.param(lambda tmp_path: "ViT-Z_99", [], "Unknown checkpoint 'ViT-Z_99'", id="unknown-official-name"),
     pytest.param(lambda tmp_path: tmp_path / "nothere.npz", [], "does not exist", id="missing-file"),
     pytest.param(lambda tmp_path: "imagenet21k/R50+ViT-B_16", [], "hybrid ResNet+ViT", id="hybrid-official-name"),
