@@ -169,9 +169,11 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as error:  # e.g. an --image-size that is not a multiple of the patch size
         raise UsageError(_one_line(error)) from error
     height, width = pixel_values.shape[-2:]
-    title = "rollout" if args.method == "rollout" else "last layer"
+    title = f"rollout, {args.head_fusion}" if args.method == "rollout" else f"last layer, {args.head_fusion}"
+    if args.discard_ratio:
+        title += f", discard {args.discard_ratio:g}"
     caption = f"{args.model} at {height}x{width}, top-5:\n" + top_predictions(model, getattr(outputs, "logits", None))
-    save_png(plot_attention(image, attention, title=f"{title}, {args.head_fusion}", caption=caption), args.output)
+    save_png(plot_attention(image, attention, title=title, caption=caption), args.output)
     print(f"wrote {args.output}")
 
 

@@ -305,7 +305,16 @@ def plot_attention(
         axes.imshow(np.clip(picture, 0, None), extent=extent, interpolation="nearest", **options)
         axes.set_title(name, fontsize=9)
         axes.set_axis_off()
-    figure.text(0.5, (CAPTION_INCHES - 0.05) / height, caption, ha="center", va="top", fontsize=9, family="monospace")
+    figure.text(
+        0.5,
+        (CAPTION_INCHES - 0.05) / height,
+        caption,
+        ha="center",
+        va="top",
+        multialignment="left",
+        fontsize=9,
+        family="monospace",
+    )
     return figure
 
 
