@@ -60,8 +60,8 @@ def _parse_size(value, name: str) -> tuple[int, int] | None:
 
 
 def _parse_shard_size(value: int | str) -> int:
-    if isinstance(value, int):
-        return value
+    if isinstance(value, int) or str(value).strip().isdigit():
+        return int(value)
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     text = value.strip().upper()
     for unit, factor in units.items():
@@ -70,10 +70,13 @@ def _parse_shard_size(value: int | str) -> int:
     raise ConversionError(f"max_shard_size must be bytes or like '5GB', got {value!r}.")
 
 
-def _resolve_labels(labels, num_classes: int) -> list[str] | None:
-    """The class names for a `num_classes`-way head: given (list, file or 'imagenet-1k') or ImageNet-1k's for 1000."""
+def _resolve_labels(labels, num_classes: int, original_head: bool) -> list[str] | None:
+    """
+    The class names of a `num_classes`-way head: as given (a list, a file or 'imagenet-1k'), else ImageNet-1k's for
+    a checkpoint's own 1000-class head (the released fine-tunes), else None (transformers' LABEL_i).
+    """
     if labels is None:
-        return imagenet1k_labels() if num_classes == 1000 else None
+        return imagenet1k_labels() if original_head and num_classes == 1000 else None
     if isinstance(labels, str) and labels.lower() in (IMAGENET_1K, "imagenet1k", "imagenet2012"):
         names = imagenet1k_labels()
     elif isinstance(labels, str | os.PathLike):
@@ -462,7 +465,7 @@ def _convert_checkpoint(
         )
     target_grid = (target_size[0] // arch.patch_size[0], target_size[1] // arch.patch_size[1])
     classes = num_labels if num_labels is not None else arch.num_classes
-    id2label = _resolve_labels(labels, classes)
+    id2label = _resolve_labels(labels, classes, original_head=num_labels is None)
     keeps_pre_logits = bool(arch.representation_size) and (num_labels is None or keep_pre_logits)
     if export == "transformers-vit":
         if arch.classifier != "token":
@@ -569,6 +572,7 @@ def _convert_checkpoint(
             augreg=resolved.augreg,
             verification=verification,
             seed_checkpoint=is_seed,
+            repo_id=push_to_hub or output_dir.name,
         )
         (temporary / "README.md").write_text(render_model_card(card), encoding="utf-8")
         _move_into_place(temporary, output_dir, overwrite)

@@ -60,6 +60,7 @@ class CardInfo:
     augreg: dict | None = None
     verification: str | None = None  # one line, None with --no-verify
     seed_checkpoint: bool = False
+    repo_id: str = "path/to/folder"  # what the loading snippets load: the Hub repo, else the folder
 
 
 def _yaml_list(name: str, values: list[str]) -> list[str]:
@@ -111,7 +112,7 @@ def render_model_card(info: CardInfo) -> str:
             "",
             "```python",
             "from transformers import pipeline",
-            'classifier = pipeline("image-classification", model="REPO_OR_FOLDER")',
+            f'classifier = pipeline("image-classification", model="{info.repo_id}")',
             "```",
         ]
     else:
@@ -121,15 +122,15 @@ def render_model_card(info: CardInfo) -> str:
             "```python",
             "import hf_vit",
             "from transformers import AutoModelForImageClassification, pipeline",
-            'model = AutoModelForImageClassification.from_pretrained("REPO_OR_FOLDER")',
-            'classifier = pipeline("image-classification", model="REPO_OR_FOLDER")',
+            f'model = AutoModelForImageClassification.from_pretrained("{info.repo_id}")',
+            f'classifier = pipeline("image-classification", model="{info.repo_id}")',
             "```",
             "",
             "Without hf_vit, the modeling code shipped in this folder is used:",
             "",
             "```python",
             "from transformers import AutoModelForImageClassification",
-            'model = AutoModelForImageClassification.from_pretrained("REPO_OR_FOLDER", trust_remote_code=True)',
+            f'model = AutoModelForImageClassification.from_pretrained("{info.repo_id}", trust_remote_code=True)',
             "```",
         ]
     if info.augreg:

@@ -242,6 +242,8 @@ def test_imagenet_1k_labels(tmp_path):
     assert json.loads((folder / "config.json").read_text())["id2label"]["2"] == "bird"
     folder = convert(npz, tmp_path / "named", num_labels=1000, labels="imagenet-1k", verify=False, log=None)
     assert json.loads((folder / "config.json").read_text())["id2label"]["1"] == "goldfish, Carassius auratus"
+    folder = convert(npz, tmp_path / "new-1000", num_labels=1000, verify=False, log=None)  # a new head: no names
+    assert json.loads((folder / "config.json").read_text())["id2label"]["1"] == "LABEL_1"
 
 
 def test_overwrite_replaces_a_non_empty_output_dir(tmp_path):
