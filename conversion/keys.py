@@ -290,10 +290,14 @@ def produce(checkpoint, entry: Entry, context: Context) -> np.ndarray:
     """The float32 tensor of one entry, loaded and transformed now (the caller writes it and lets it go)."""
     if entry.source is None:
         return np.zeros(entry.shape, dtype=np.float32)
+    import torch
+
     array = TRANSFORMS[entry.transform].array(checkpoint.load(entry.source), context)
     if array.shape != entry.shape:  # the shape functions and the array functions must agree
         raise AssertionError(f"{entry.target}: transform {entry.transform} gave {array.shape}, planned {entry.shape}")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    if not array.flags.c_contiguous:  # torch's blocked copy transposes about 2.5x faster than NumPy's
+        array = torch.from_numpy(array).contiguous().numpy()
+    return array
 
 
 __all__ = [
