@@ -254,7 +254,8 @@ def plan_conversion(
             if None not in expected and found != expected:
                 raise ConversionError(
                     f"{checkpoint.path}: {source!r} has shape {_format_shape(found)}, expected "
-                    f"{_format_shape(expected)} ({rule.shape.replace(' ', ', ')} for {arch.describe()})."
+                    f"{_format_shape(expected)} = ({rule.shape.replace(' ', ', ')}) for the architecture the other "
+                    f"tensors give ({arch.describe()}): the checkpoint is inconsistent."
                 )
             consumed.add(source)
             if (rule.role == "pre_logits" and drop_pre_logits) or (rule.role == "head" and num_labels is not None):

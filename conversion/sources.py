@@ -134,9 +134,9 @@ def resolve_source(source: str | os.PathLike, *, cache: Path | None = None, prog
     path = Path(text).expanduser()
     if path.is_file():
         return Source(path=path, name=path.name, augreg=parse_augreg_name(path.name))
-    if path.is_dir():
+    if path.exists():
         raise ConversionError(
-            f"SOURCE {text} is a directory: pass a .npz file, a *_checkpoint.bin or an official name."
+            f"SOURCE {text} is not a regular file: pass a .npz file, a *_checkpoint.bin or an official name."
         )
     official = official_url(text)
     if official is None:
