@@ -1,0 +1,294 @@
+"""Shared pieces of the benchmarks: both models with the same weights, the matmul peak, interleaved timing, tables.
+
+hf_vit is measured against `transformers.ViTForImageClassification` built from the same sizes, the same
+LayerNorm epsilon and the same (tanh) GELU, holding the same weights. Timings interleave every contender in one
+process, round after round, because the CPU is shared and its speed drifts: each round keeps the fastest call of each
+contender, a row reports the median over rounds, and ratios are the median of the per-round ratios (paired).
+
+Run as a script, this file is the peak-memory probe the benchmarks start in a fresh process per measurement.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import torch
+import transformers
+from transformers import ViTConfig, ViTForImageClassification
+
+import hf_vit
+from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OURS, THEIRS = "hf_vit", "transformers"
+
+# The tests' tiny shape (hidden 32, 2 layers, 4 heads, MLP 37): runs in seconds, measures nothing.
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, patch_size=8)
+
+
+def our_config(tiny: bool = False, image_size: int = 224, num_labels: int = 1000) -> VisionTransformerConfig:
+    """ViT-B/16 (or the tiny test shape) with the original semantics: LayerNorm eps 1e-6, tanh GELU."""
+    sizes = TINY if tiny else {}
+    return VisionTransformerConfig(image_size=image_size, num_labels=num_labels, **sizes)
+
+
+def their_config(config: VisionTransformerConfig) -> ViTConfig:
+    """The same model as a transformers `ViTConfig` (whose own defaults, eps 1e-12 and exact GELU, would differ)."""
+    return ViTConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        qkv_bias=config.qkv_bias,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=config.num_labels,
+    )
+
+
+# hf_vit key fragment -> transformers key fragment, applied in order.
+_KEY_MAP = (
+    ("transformer.embeddings.patch_embeddings.", "vit.embeddings.patch_embeddings.projection."),
+    ("transformer.embeddings.", "vit.embeddings."),
+    ("transformer.encoder.encoder_norm.", "vit.layernorm."),
+    ("transformer.encoder.layer.", "vit.layers."),
+    (".attention_norm.", ".layernorm_before."),
+    (".ffn_norm.", ".layernorm_after."),
+    (".attn.query.", ".attention.q_proj."),
+    (".attn.key.", ".attention.k_proj."),
+    (".attn.value.", ".attention.v_proj."),
+    (".attn.out.", ".attention.o_proj."),
+    (".ffn.fc", ".mlp.fc"),
+    ("head.", "classifier."),
+)
+
+
+def to_transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an hf_vit classifier state dict to `ViTForImageClassification` keys."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for ours, theirs in _KEY_MAP:
+            key = key.replace(ours, theirs)
+        renamed[key] = value
+    return renamed
+
+
+def build_models(config: VisionTransformerConfig, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Both models in `dtype` holding the same random weights (loaded strictly, so every key is mapped)."""
+    torch.manual_seed(seed)
+    ours = VisionTransformerForImageClassification(config)
+    with torch.no_grad():  # fresh models have a zero head and class token: random ones make the parity check real
+        for parameter in ours.parameters():
+            parameter.normal_(0.0, 0.02)
+    theirs = ViTForImageClassification(their_config(config))
+    theirs.load_state_dict(to_transformers_state_dict(ours.state_dict()), strict=True)
+    return {OURS: ours.to(dtype), THEIRS: theirs.to(dtype)}
+
+
+def max_logit_difference(models: dict[str, torch.nn.Module], pixel_values: torch.Tensor) -> float:
+    """Largest |logit difference| between the two models on the same input: a wrong weight mapping shows here."""
+    with torch.inference_mode():
+        logits = [model(pixel_values).logits.float() for model in models.values()]
+    return (logits[0] - logits[1]).abs().max().item()
+
+
+def forward_flops(config: VisionTransformerConfig, image_size: int | None = None) -> float:
+    """Analytic FLOPs (2 per multiply-add) of one image's forward: 35.13e9 for ViT-B/16 at 224."""
+    image_size = image_size or config.image_size
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    num_patches = (image_size // patch) ** 2
+    tokens = num_patches + (1 if config.classifier == "token" else 0)
+    hidden, mlp = config.hidden_size, config.intermediate_size
+    embedding = 2 * num_patches * config.num_channels * patch * patch * hidden
+    per_layer = (
+        2 * tokens * hidden * 3 * hidden  # query, key, value
+        + 2 * 2 * tokens * tokens * hidden  # q k^T and probabilities @ v
+        + 2 * tokens * hidden * hidden  # out
+        + 2 * 2 * tokens * hidden * mlp  # fc1, fc2
+    )
+    head_in = config.representation_size or hidden
+    head = 2 * hidden * (config.representation_size or 0) + 2 * head_in * config.num_labels
+    return embedding + config.num_hidden_layers * per_layer + head
+
+
+def matmul_peak(dtype: torch.dtype, tiny: bool = False, repeats: int = 7) -> float:
+    """Best GFLOP/s of the ViT-B MLP matmuls (batch 8 at 224) in `dtype`: the roofline every % refers to."""
+    rows, hidden, mlp = (64, 64, 128) if tiny else (8 * 197, 768, 3072)
+    best = 0.0
+    with torch.inference_mode():
+        for fan_in, fan_out in ((hidden, mlp), (mlp, hidden)):
+            inputs, weight = torch.randn(rows, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
+            for _ in range(2):
+                torch.nn.functional.linear(inputs, weight)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.nn.functional.linear(inputs, weight)
+                best = max(best, 2 * rows * fan_in * fan_out / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list[float]]:
+    """Seconds per call of each contender: per round the fastest of `calls` calls; the order rotates every round."""
+    seconds = {name: [] for name in contenders}
+    names = list(contenders)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            best = float("inf")
+            for _ in range(calls):
+                start = time.perf_counter()
+                contenders[name]()
+                best = min(best, time.perf_counter() - start)
+            seconds[name].append(best)
+    return seconds
+
+
+def paired_ratio(slower: list[float], faster: list[float]) -> float:
+    """Median over rounds of time(slower) / time(faster): > 1 means `faster` wins."""
+    return statistics.median(s / f for s, f in zip(slower, faster, strict=True))
+
+
+def warm(function: Callable[[], object]) -> tuple[float, float]:
+    """Call `function` twice (compiling it if it is compiled): the seconds of the first and of the second call."""
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
+def calls_per_round(seconds_per_call: float, requested: int | None, target: float = 1.0) -> int:
+    """`requested`, or enough calls for about `target` seconds per contender and round (1 to 10)."""
+    return requested or max(1, min(10, round(target / seconds_per_call)))
+
+
+def top_ops(function: Callable[[], object], row_limit: int = 12) -> str:
+    """torch.profiler's table of the operators `function` spends its time in, by self CPU time."""
+    from torch.profiler import profile  # noqa: PLC0415
+
+    with profile() as profiler:
+        function()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+
+
+def machine() -> dict[str, object]:
+    """What a result needs to be read against: date, CPU, threads, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        flags = next(line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags"))
+        isa = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
+    except (OSError, StopIteration):
+        isa = []
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "isa": isa,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hf_vit": getattr(hf_vit, "__version__", "dev"),
+        "python": platform.python_version(),
+    }
+
+
+def format_table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table of `rows` with (key, header, format) columns; missing values print as '-'."""
+    header = [title for _, title, _ in columns]
+    lines = [[(fmt.format(row[key]) if row.get(key) is not None else "-") for key, _, fmt in columns] for row in rows]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines, strict=False)]
+    out = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True)) + " |"]
+    out.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    out += [
+        "| " + " | ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) + " |" for line in lines
+    ]
+    return "\n".join(out)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, compile_default: bool) -> None:
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tests' tiny model: checks the script, measures nothing"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median over rounds)")
+    parser.add_argument(
+        "--calls", type=int, default=None, help="calls per contender per round, fastest kept (default: ~1 s worth)"
+    )
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=compile_default,
+        help=f"time the torch.compile contenders too; compiling takes minutes (default: {compile_default})",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of each contender too")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
+
+
+def write_json(path: str | None, payload: dict[str, object]) -> None:
+    if path == "-":
+        print(json.dumps(payload, indent=2))
+    elif path:
+        with open(path, "w") as file:
+            json.dump(payload, file, indent=2)
+
+
+# ---- peak memory -------------------------------------------------------------------------------------------------
+# CPU tensors have no allocator statistics, so the probe reads the kernel's high-water mark of resident memory
+# (VmHWM), reset through /proc/self/clear_refs just before the measured calls, in a fresh process per contender:
+# in one process, memory the first model's run freed but kept would make the second one look smaller.
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as file:
+        return next(int(line.split()[1]) for line in file if line.startswith(field + ":"))
+
+
+def peak_memory_mib(spec: dict[str, object]) -> dict[str, float] | None:
+    """Run the probe for `spec` in a fresh process: {'peak': peak RSS, 'above_weights': peak - RSS before}, MiB."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    command = [sys.executable, os.path.abspath(__file__), json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 2))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        print(f"memory probe failed for {spec}:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _probe(spec: dict[str, object]) -> dict[str, float]:
+    """Build one contender as the benchmarks do, warm it up, then measure the high-water mark of two more calls."""
+    import importlib  # noqa: PLC0415 - the probe runs as a script next to the benchmarks
+
+    torch.set_num_threads(int(spec.get("threads", 2)))
+    step = importlib.import_module(f"bench_{spec['kind']}").make_step(spec)
+    warm(step)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")  # reset VmHWM to the current resident size
+    step()
+    step()
+    peak = _status_kib("VmHWM")
+    return {"peak": peak / 1024, "above_weights": (peak - before) / 1024}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    print(json.dumps(_probe(json.loads(sys.argv[1]))))

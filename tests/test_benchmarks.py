@@ -1,0 +1,49 @@
+"""The benchmarks run end to end on the tiny config and print their tables (speed is not asserted: CPUs are shared)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import common  # noqa: E402
+
+
+def run_script(name: str, *args: str) -> str:
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", name), "--tiny", "--threads", "1", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_forward_flops_of_vit_b16_match_the_analytic_count():
+    assert common.forward_flops(common.our_config()) == pytest.approx(35.13e9, rel=1e-3)
+
+
+def test_weight_mapping_covers_every_transformers_key():
+    models = common.build_models(common.our_config(tiny=True), dtype=common.DTYPES["fp32"])
+    theirs = models[common.THEIRS].state_dict()
+    renamed = common.to_transformers_state_dict(models[common.OURS].state_dict())
+    assert sorted(renamed) == sorted(theirs)
+
+
+def test_bench_inference_prints_its_table(tmp_path):
+    results = tmp_path / "inference.json"
+    out = run_script("bench_inference.py", "--no-compile", "--dtypes", "fp32", "--json", str(results))
+    assert "| dtype | batch | transformers eager img/s |" in out
+    assert "Peak resident memory" in out
+    rows = json.loads(results.read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    assert all(row["max |logit diff|"] < 1e-4 for row in rows)  # both models hold the same weights
+
+
+def test_bench_train_prints_its_table(tmp_path):
+    results = tmp_path / "train.json"
+    out = run_script("bench_train.py", "--precisions", "bf16", "--no-memory", "--json", str(results))
+    assert "| px x batch | precision | transformers eager img/s |" in out
+    assert json.loads(results.read_text())["rows"][0]["precision"] == "bf16"
