@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -505,7 +506,9 @@ def _convert_checkpoint(
         say(
             f"position embeddings resampled from a {arch.grid[0]}x{arch.grid[1]} to a {target_grid[0]}x{target_grid[1]} grid"
         )
-    resolved.start_hashing()
+    # One pass over the file beside the conversion: the zip's CRCs, and the sha256 for the model card.
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan")
+    scanned = background.submit(checkpoint.scan, sha256=resolved.sha256 is None)
 
     # 4. Build in a temporary folder next to OUTPUT_DIR; only a complete, verified folder gets renamed into place.
     created_parents = _missing_parents(output_dir)
@@ -516,14 +519,23 @@ def _convert_checkpoint(
         _remove_created(created_parents)
         raise ConversionError(f"Cannot create OUTPUT_DIR {output_dir}: {error.strerror or error}.") from None
     try:
+        import torch
+
         entries = {rename(e.target): e for e in plan.entries}
-        files = write_safetensors(
-            temporary,
-            [(name, entry.shape) for name, entry in entries.items()],
-            lambda name: produce(checkpoint, entries[name], plan.context),
-            dtype=dtype,
-            max_shard_bytes=shard_bytes,
-        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(
+            1
+        )  # the transposes are memory-bound: one thread is as fast and leaves a core to the scan
+        try:
+            files = write_safetensors(
+                temporary,
+                [(name, entry.shape) for name, entry in entries.items()],
+                lambda name: produce(checkpoint, entries[name], plan.context),
+                dtype=dtype,
+                max_shard_bytes=shard_bytes,
+            )
+        finally:
+            torch.set_num_threads(threads)
         _write_support_files(temporary, config, model_class, export, dtype)
         num_parameters = sum(math.prod(e.shape) for e in plan.entries)
         say(
@@ -552,12 +564,13 @@ def _convert_checkpoint(
                     f"the Flax model exceeds {VERIFY_TOLERANCE:.0e}; nothing was written."
                 )
 
+        sha256 = scanned.result() or resolved.sha256  # a corrupt file stops here, before anything is kept
         datasets = _datasets(resolved, arch, num_labels)
         card = CardInfo(
             title=_title(resolved, arch, target_size, num_labels),
             source_name=resolved.name,
             source_url=resolved.url,
-            source_sha256=resolved.sha256,
+            source_sha256=sha256,
             export=export,
             architecture=arch.describe() if num_labels is None else _describe_new(arch, classes, keeps_pre_logits),
             image_size=target_size,
@@ -577,6 +590,7 @@ def _convert_checkpoint(
         (temporary / "README.md").write_text(render_model_card(card), encoding="utf-8")
         _move_into_place(temporary, output_dir, overwrite)
     except BaseException as error:
+        background.shutdown(wait=True)  # the scan reads the source: let it stop before cleaning up
         shutil.rmtree(temporary, ignore_errors=True)
         _remove_created(created_parents)
         if isinstance(error, OSError):  # disk full, permissions...: the user's problem, told in one line
@@ -584,6 +598,8 @@ def _convert_checkpoint(
                 f"Writing {output_dir} failed: {error.strerror or error}; nothing was written."
             ) from None
         raise
+    finally:
+        background.shutdown(wait=True)
     say(f"saved {output_dir} ({time.perf_counter() - started:.1f} s)")
 
     if push_to_hub:

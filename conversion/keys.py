@@ -6,6 +6,7 @@ list of `Entry` (target key, target shape, source key, transform) that the write
 """
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -297,7 +298,9 @@ def produce(checkpoint, entry: Entry, context: Context) -> np.ndarray:
     if array.shape != entry.shape:  # the shape functions and the array functions must agree
         raise AssertionError(f"{entry.target}: transform {entry.transform} gave {array.shape}, planned {entry.shape}")
     if not array.flags.c_contiguous:  # torch's blocked copy transposes about 2.5x faster than NumPy's
-        array = torch.from_numpy(array).contiguous().numpy()
+        with warnings.catch_warnings():  # the source may be a read-only memory map; it is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            array = torch.from_numpy(array).contiguous().numpy()
     return array
 
 

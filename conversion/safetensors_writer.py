@@ -8,7 +8,8 @@ with each tensor's dtype, shape and byte offsets, then the raw little-endian byt
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,9 @@ def write_safetensors(
     """
     Write `tensors` (name, shape) to `model.safetensors`, or to numbered shards plus an index above `max_shard_bytes`.
 
-    `produce(name)` returns the float32 array of one tensor; it is called once per tensor, in order, and the array is
-    dropped as soon as it is written, so memory holds one tensor at a time. Returns the file names written.
+    `produce(name)` returns the float32 array of one tensor; it is called once per tensor, in order, one tensor ahead
+    of the writing (I/O, NumPy and torch release the GIL, so reading and writing overlap), and each array is dropped
+    once written: memory holds two tensors at a time. Returns the file names written.
     """
     code, itemsize = DTYPES[dtype]
     shards = shard_layout(tensors, dtype, max_shard_bytes)
@@ -69,31 +71,51 @@ def write_safetensors(
         if len(shards) == 1
         else [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
     )
+    stream = _prefetched([name for name, _ in tensors], lambda name: _to_bytes(produce(name), dtype))
     weight_map, total_size = {}, 0
-    for file_name, shard in zip(names, shards, strict=True):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in shard:
-            nbytes = math.prod(shape) * itemsize
-            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file_name
-        total_size += offset
-        header_bytes = json.dumps(header, separators=(",", ":")).encode()
-        header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
-        with open(directory / file_name, "wb") as file:
-            file.write(struct.pack("<Q", len(header_bytes)))
-            file.write(header_bytes)
-            for name, shape in shard:
-                data = _to_bytes(produce(name), dtype)
-                if data.nbytes != math.prod(shape) * itemsize:
-                    raise AssertionError(f"{name}: produced {data.nbytes} bytes, planned {shape} of {dtype}")
-                file.write(data)
-                del data
+    try:
+        for file_name, shard in zip(names, shards, strict=True):
+            total_size += _write_shard(directory / file_name, shard, stream, code, itemsize)
+            weight_map.update({name: file_name for name, _ in shard})
+    finally:
+        stream.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return [*names, INDEX_FILE]
     return names
+
+
+def _prefetched(names: list[str], make: Callable[[str], memoryview]) -> Iterator[memoryview]:
+    """`make(name)` for each name in order; the next one is made in a worker thread while the caller writes this one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(make, names[0]) if names else None
+        for position in range(len(names)):
+            current = pending.result()
+            pending = pool.submit(make, names[position + 1]) if position + 1 < len(names) else None
+            yield current
+            del current
+
+
+def _write_shard(path: Path, shard, stream: Iterator[memoryview], code: str, itemsize: int) -> int:
+    """One safetensors file: header with every offset, then the tensors in order. Returns the data size."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shard:
+        nbytes = math.prod(shape) * itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(header_bytes)))
+        file.write(header_bytes)
+        for name, shape in shard:
+            data = next(stream)
+            if data.nbytes != math.prod(shape) * itemsize:
+                raise AssertionError(f"{name}: produced {data.nbytes} bytes, planned {shape}")
+            file.write(data)
+            del data
+    return offset
 
 
 __all__ = ["DTYPES", "INDEX_FILE", "SINGLE_FILE", "shard_layout", "write_safetensors"]

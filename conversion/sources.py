@@ -13,10 +13,9 @@ import hashlib
 import os
 import re
 import shutil
-import threading
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConversionError
@@ -55,26 +54,7 @@ class Source:
     url: str | None = None
     collection: str | None = None  # "imagenet21k", "imagenet21k+imagenet2012", "augreg"; None for a local file
     augreg: dict | None = None  # hyper-parameters parsed from an augreg file name
-    _sha256: str | None = None
-    _hasher: threading.Thread | None = field(default=None, repr=False)
-
-    def start_hashing(self) -> None:
-        """Hash the file in a background thread (hashlib releases the GIL), while the conversion reads it."""
-        if self._sha256 is None and self._hasher is None:
-            self._hasher = threading.Thread(target=self._hash, daemon=True)
-            self._hasher.start()
-
-    def _hash(self) -> None:
-        self._sha256 = file_sha256(self.path)
-
-    @property
-    def sha256(self) -> str:
-        if self._sha256 is None:
-            if self._hasher is not None:
-                self._hasher.join()
-            else:
-                self._hash()
-        return self._sha256
+    sha256: str | None = None  # recorded at download; for a local file the conversion computes it
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
@@ -159,7 +139,7 @@ def resolve_source(source: str | os.PathLike, *, cache: Path | None = None, prog
     )
     recorded = destination.with_name(destination.name + ".sha256")
     if recorded.is_file():
-        result._sha256 = recorded.read_text().split()[0]
+        result.sha256 = recorded.read_text().split()[0]
     return result
 
 

@@ -40,6 +40,17 @@ def truncated(tmp_path):
     return path
 
 
+def bit_flip(tmp_path):
+    """One flipped mantissa bit inside a kernel: still finite, only the zip's CRC-32 can tell."""
+    path = write_random_npz(tmp_path / "flipped.npz")
+    data = bytearray(path.read_bytes())
+    kernel = np.load(path)["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"]
+    offset = bytes(data).find(kernel.tobytes()[:64])
+    data[offset + 400] ^= 1
+    path.write_bytes(bytes(data))
+    return path
+
+
 def not_a_zip(tmp_path):
     path = tmp_path / "model.npz"
     path.write_bytes(b"<html>404 Not Found</html>")
@@ -67,6 +78,12 @@ QUERY = "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel"
 
 BAD_SOURCES = [
     pytest.param(truncated, [], "truncated or corrupt", id="truncated"),
+    pytest.param(
+        bit_flip,
+        [],
+        "'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' does not match its recorded CRC-32",
+        id="bit-flip",
+    ),
     pytest.param(not_a_zip, [], "is not an .npz (zip) archive", id="not-a-zip"),
     pytest.param(single_npy, [], "is a single .npy array", id="npy-not-npz"),
     pytest.param(altered(lambda a: a.pop(DENSE1_BIAS)), [], f"missing key {DENSE1_BIAS!r}", id="missing-key"),
