@@ -218,7 +218,7 @@ class NpzCheckpoint:
         if key in self._spans:
             offset, count = self._spans[key]
             array = np.empty(count, dtype=dtype)
-            view, done = memoryview(array).cast("B"), 0
+            view, done = memoryview(array.view(np.uint8)), 0
             while done < view.nbytes:  # one call reads it all, but the kernel may return less for huge arrays
                 read = os.preadv(self._fd, [view[done:]], offset + done)
                 if read <= 0:

@@ -83,6 +83,25 @@ def test_non_square_pre_training_grid(tmp_path):
     assert np.abs(logits_of(folder, images) - flax_vit_forward(checkpoint, arch, images)[1]).max() <= 1e-5
 
 
+@pytest.mark.parametrize("layout", ["big-endian-fortran", "compressed", "float16"])
+def test_other_npz_encodings_convert_the_same(tmp_path, layout):
+    arrays = random_vit_arrays()
+    if layout == "big-endian-fortran":
+        stored = {key: np.asfortranarray(value.astype(">f4")) for key, value in arrays.items()}
+    elif layout == "float16":
+        arrays = {key: value.astype(np.float16).astype(np.float32) for key, value in arrays.items()}
+        stored = {key: value.astype(np.float16) for key, value in arrays.items()}
+    else:
+        stored = arrays
+    with open(tmp_path / "vit.npz", "wb") as file:
+        (np.savez_compressed if layout == "compressed" else np.savez)(file, **stored)
+    folder = convert(tmp_path / "vit.npz", tmp_path / "out", log=None)
+    with open(tmp_path / "plain.npz", "wb") as file:
+        np.savez(file, **arrays)
+    images = verification_images(2, 32, 32, seed=3)
+    assert np.abs(logits_of(folder, images) - reference(tmp_path / "plain.npz", images)[1]).max() <= 1e-5
+
+
 def test_old_opt_target_prefix_is_understood(tmp_path):
     arrays = {f"opt/target/{key}": value for key, value in random_vit_arrays().items()}
     with open(tmp_path / "old.npz", "wb") as file:
