@@ -59,6 +59,39 @@ def resample_position_embeddings(
     return torch.cat((prefix, grid), dim=1)
 
 
+# oneDNN's fused linear, the kernel inductor's CPU weight freezing emits: the bias (and GELU) run in the matmul's
+# epilogue, which saves the bias copy of `addmm` and a separate GELU pass (ATen's CPU tanh is slow). It has no backward,
+# so it only serves inference; `(name, algorithm)` of the post-op for each `hidden_act` it can fuse.
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_ONEDNN_DTYPES = (torch.float32,) + (
+    (torch.bfloat16,) if _ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
+)
+_ONEDNN_ACTIVATIONS = {"gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
+
+
+def _onednn_serves(layer: nn.Linear, hidden_states: torch.Tensor) -> bool:
+    """Whether `linear` may bypass `layer.forward`: a plain, unhooked nn.Linear on CPU, no gradients, no autocast."""
+    return (
+        _ONEDNN_LINEAR is not None
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # a compiled graph gets the same fusion from inductor
+        and hidden_states.device.type == "cpu"
+        and hidden_states.dtype in _ONEDNN_DTYPES
+        and layer.weight.dtype == hidden_states.dtype
+        and not torch.is_autocast_enabled("cpu")
+        and type(layer) is nn.Linear  # not a LoRA or quantized subclass
+        and not (layer._forward_hooks or layer._forward_pre_hooks or "forward" in vars(layer))
+    )
+
+
+def linear(layer: nn.Linear, hidden_states: torch.Tensor, act_fn=None, post_op=("none", "")) -> torch.Tensor:
+    """`act_fn(layer(hidden_states))`, as one oneDNN call where `_onednn_serves` and `post_op` names `act_fn` there."""
+    if post_op is not None and _onednn_serves(layer, hidden_states):
+        return _ONEDNN_LINEAR(hidden_states, layer.weight, layer.bias, post_op[0], [], post_op[1])
+    hidden_states = layer(hidden_states)
+    return hidden_states if act_fn is None else act_fn(hidden_states)
+
+
 class Embeddings(nn.Module):
     """Patch embeddings (a Conv2d with stride = kernel = patch), the class token and the position embeddings."""
 
@@ -164,9 +197,9 @@ class Attention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, S, d)
-        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = linear(self.query, hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, S, d)
+        key = linear(self.key, hidden_states).view(hidden_shape).transpose(1, 2)
+        value = linear(self.value, hidden_states).view(hidden_shape).transpose(1, 2)
 
         # Fused kernels (sdpa, flash, flex) return no probabilities: compute them when they are asked for.
         attention_interface: Callable = eager_attention_forward
@@ -182,7 +215,7 @@ class Attention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = self.out(attn_output.reshape(*input_shape, -1))
+        attn_output = linear(self.out, attn_output.reshape(*input_shape, -1))
         return self.proj_dropout(attn_output), attn_weights
 
 
@@ -193,12 +226,13 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.act_post_op = _ONEDNN_ACTIVATIONS.get(config.hidden_act)  # None: oneDNN cannot fuse this activation
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.dropout(self.act_fn(self.fc1(hidden_states)))
-        return self.dropout(self.fc2(hidden_states))
+        hidden_states = self.dropout(linear(self.fc1, hidden_states, self.act_fn, self.act_post_op))
+        return self.dropout(linear(self.fc2, hidden_states))
 
 
 class Block(GradientCheckpointingLayer):
