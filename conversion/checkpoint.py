@@ -11,6 +11,7 @@ import math
 import os
 import re
 import struct
+import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -171,7 +172,8 @@ class NpzCheckpoint:
                     )
                 self._spans[key] = (data_offset + header_length, count)
                 self._crc_spans.append((key, data_offset, info.file_size, info.CRC))
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._file = open(self.path, "rb", buffering=0)
+        self._fd, self._lock = self._file.fileno(), threading.Lock()
 
     def scan(self, sha256: bool = True, chunk_size: int = 1 << 22) -> str | None:
         """
@@ -220,7 +222,7 @@ class NpzCheckpoint:
             array = np.empty(count, dtype=dtype)
             view, done = memoryview(array.view(np.uint8)), 0
             while done < view.nbytes:  # one call reads it all, but the kernel may return less for huge arrays
-                read = os.preadv(self._fd, [view[done:]], offset + done)
+                read = self._read_into(view[done:], offset + done)
                 if read <= 0:
                     raise ConversionError(f"{self.path}: reading {key!r} hit the end of the file: it is truncated.")
                 done += read
@@ -234,11 +236,18 @@ class NpzCheckpoint:
                 ) from None
         return _checked_float32(array, key, self.path)
 
+    def _read_into(self, view: memoryview, offset: int) -> int:
+        if hasattr(os, "preadv"):  # Linux, BSDs: positioned, so safe from any thread
+            return os.preadv(self._fd, [view], offset)
+        with self._lock:  # elsewhere: seek + readinto on a shared file object
+            self._file.seek(offset)
+            return self._file.readinto(view)
+
     __getitem__ = load  # the NumPy reference reads parameters by their vit_jax names
 
     def close(self) -> None:
         self._npz.close()
-        os.close(self._fd)
+        self._file.close()
 
 
 class SeedCheckpoint:
