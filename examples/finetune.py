@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -161,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--output_dir", required=True)
     run.add_argument("--eval_steps", type=int, default=100, help="Evaluate every N steps (and at the end).")
     run.add_argument("--checkpointing_steps", type=int, default=500, help="accelerator.save_state every N steps.")
-    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints.")
+    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints (0: all).")
     run.add_argument(
         "--resume_from_checkpoint",
         help="A checkpoint folder, or 'latest' for the newest in OUTPUT_DIR/checkpoints (a fresh start if none).",
@@ -274,13 +275,23 @@ def prepare_splits(dataset: datasets.DatasetDict, args: argparse.Namespace):
     if len(train) == 0:
         raise UsageError(f"the train split of {args.dataset_name!r} is empty.")
 
-    label_feature = train.features["label"]
-    if isinstance(label_feature, datasets.ClassLabel):
-        labels = list(label_feature.names)
-    else:  # plain ints or strings: the sorted distinct values become the classes
+    if isinstance(train.features["label"], datasets.ClassLabel):
+        labels = list(train.features["label"].names)
+    else:  # plain ints or strings: the distinct values of train, sorted, become the classes of every split
         values = sorted(set(train["label"]))
-        labels = [str(v) for v in values]
-        dataset = dataset.class_encode_column("label") if not isinstance(values[0], int) else dataset
+        labels, index = [str(value) for value in values], {value: i for i, value in enumerate(values)}
+        unknown = {value for split in dataset.values() for value in split["label"]} - set(values)
+        if unknown:
+            raise UsageError(f"labels {sorted(unknown)[:5]} appear in an evaluation split but not in train.")
+        features = datasets.Features(
+            {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=labels)}
+        )
+        dataset = dataset.map(
+            lambda batch: {"label": [index[value] for value in batch["label"]]},
+            batched=True,
+            features=features,
+            keep_in_memory=True,
+        )
         train = dataset["train"]
 
     report_name = "test" if "test" in dataset else "validation" if "validation" in dataset else None
@@ -288,8 +299,9 @@ def prepare_splits(dataset: datasets.DatasetDict, args: argparse.Namespace):
     if report_name == "test" and "validation" in dataset:
         selection, selection_name = dataset["validation"], "validation"
     if args.validation_split_percentage:
+        # keep_in_memory: every process computes the same split (same seed) without racing on a cache file.
         held_out = train.train_test_split(
-            test_size=args.validation_split_percentage / 100, seed=args.seed, stratify_by_column=None
+            test_size=args.validation_split_percentage / 100, seed=args.seed, keep_in_memory=True
         )
         train, selection, selection_name = held_out["train"], held_out["test"], "validation (held out from train)"
     if report_name is None:
@@ -335,11 +347,9 @@ class Collate:
     anything else is resized to `image_size` with the image processor's filter."""
 
     def __init__(self, image_size: tuple[int, int], resample: int, keep_native_size: bool):
-        self.image_size, self.resample, self.keep_native_size = (
-            image_size,
-            PIL.Image.Resampling(resample),
-            keep_native_size,
-        )
+        self.image_size = image_size
+        self.resample = PIL.Image.Resampling(resample)
+        self.keep_native_size = keep_native_size
 
     def __call__(self, examples: list[dict]) -> dict:
         errors = [example["error"] for example in examples if example["error"]]
@@ -537,9 +547,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, train
 # Evaluation and reports
 
 
-def evaluate_split(model, dataloader, accelerator: Accelerator) -> tuple[float, np.ndarray, np.ndarray]:
+def evaluate_split(model, dataloader, accelerator: Accelerator, metric) -> tuple[float, np.ndarray, np.ndarray]:
     """(accuracy, predictions, references) over the whole split, gathered from every process."""
-    metric = evaluate.load(str(ACCURACY_METRIC))
     model.eval()
     all_predictions, all_references = [], []
     for batch in dataloader:
@@ -609,9 +618,10 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, results: dict, 
     base_model = {
         "scratch": f"none: trained from scratch, config `{provenance['name']}`"
         + (f" with overrides `{provenance['overrides']}`" if provenance.get("overrides") else ""),
-        "converted": f"`{provenance['name']}`, an original Flax checkpoint of Google's vision_transformer, converted "
-        "with hf_vit's `conversion.convert` (new zero-initialised head, position embeddings resampled to "
-        f"{facts['image_size']} px)",
+        "converted": f"`{provenance['name']}`"
+        + (f" ({provenance['url']})" if provenance.get("url") else "")
+        + ", an original Flax checkpoint of Google's vision_transformer, converted with hf_vit's "
+        f"`conversion.convert` (new zero-initialised head, position embeddings resampled to {facts['image_size']} px)",
         "pretrained": f"`{provenance['name']}`",
     }[provenance["kind"]]
     dataset = args.dataset_name if not (args.train_dir or args.validation_dir) else "local imagefolder"
@@ -700,7 +710,7 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, results: dict, 
         "Command:",
         "",
         "```bash",
-        "accelerate launch examples/finetune.py " + " ".join(facts["argv"]),
+        "accelerate launch examples/finetune.py " + shlex.join(facts["argv"]),
         "```",
         "",
         "## Usage",
@@ -820,6 +830,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     monitor_split, monitor_name = (selection, selection_name) if selection is not None else (report, report_name)
+    metric = evaluate.load(str(ACCURACY_METRIC))  # evaluate's "accuracy", from a local script: works offline
     monitor_dataloader, report_dataloader = eval_dataloader(monitor_split), eval_dataloader(report)
 
     optimizer = torch.optim.SGD(
@@ -851,7 +862,10 @@ def main(argv: list[str] | None = None) -> dict:
     if checkpoint:
         if not (Path(checkpoint) / "training_state.json").exists():
             raise UsageError(f"{checkpoint} is not a checkpoint of this script (no training_state.json).")
-        accelerator.load_state(checkpoint)  # model, optimizer, scheduler, scaler, RNG states
+        try:
+            accelerator.load_state(checkpoint)  # model, optimizer, scheduler, scaler, RNG states
+        except Exception as error:  # a checkpoint of another model, or a damaged one
+            raise UsageError(f"cannot resume from {checkpoint}: {str(error).strip().splitlines()[0]}") from None
         state = json.loads((Path(checkpoint) / "training_state.json").read_text())
         completed_steps, history, elapsed_before = state["completed_steps"], state["history"], state["elapsed"]
         logger.info(f"Resumed from {checkpoint} at step {completed_steps}.")
@@ -935,7 +949,7 @@ def main(argv: list[str] | None = None) -> dict:
                 logs = {"train_loss": loss_value, "lr": lr, "images_per_second": images_per_second}
 
                 if completed_steps % args.eval_steps == 0 or completed_steps == args.max_train_steps:
-                    accuracy, _, _ = evaluate_split(model, monitor_dataloader, accelerator)
+                    accuracy, _, _ = evaluate_split(model, monitor_dataloader, accelerator, metric)
                     history["eval_step"].append(completed_steps)
                     history["eval_accuracy"].append(accuracy)
                     logs[f"eval_accuracy_{monitor_name.split()[0]}"] = accuracy
@@ -953,7 +967,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_runtime = elapsed_before + time.time() - started  # wall time, all sessions, loading included
 
     # ---- final evaluation, model, card, results
-    report_accuracy, predictions, references = evaluate_split(model, report_dataloader, accelerator)
+    report_accuracy, predictions, references = evaluate_split(model, report_dataloader, accelerator, metric)
     selection_accuracy = history["eval_accuracy"][-1] if selection is not None else None
     best = int(np.argmax(history["eval_accuracy"]))
     results = {

@@ -288,6 +288,19 @@ def test_detects_img_and_fine_label_columns_of_a_saved_dataset(in_process, tmp_p
     assert config["id2label"] == {"0": "apple", "1": "bee", "2": "castle"}
 
 
+def test_plain_integer_labels_become_classes_in_every_split(in_process, tmp_path):
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(40)]
+    features = datasets.Features({"image": datasets.Image(), "target": datasets.Value("int64")})
+    columns = {"image": images, "target": [(2, 5, 9)[i % 3] for i in range(40)]}
+    split = datasets.Dataset.from_dict(columns, features=features)
+    datasets.DatasetDict(train=split, test=split.select(range(9))).save_to_disk(tmp_path / "ints")
+    results = in_process([*QUICK, "--dataset_name", str(tmp_path / "ints"), "--output_dir", str(tmp_path / "out")])
+    assert results["eval_samples"] == 9
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "2", "1": "5", "2": "9"}
+
+
 def test_unknown_columns_are_listed(tmp_path):
     dataset = datasets.Dataset.from_dict({"picture_bytes": [b"x"], "y": [0]})
     with pytest.raises(finetune.UsageError, match=r"no image column .*picture_bytes \(Value\), y \(Value\)"):
@@ -411,7 +424,8 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_folder_without_check
     monkeypatch.setattr(finetune, "HfApi", HubRecorder)
     output = tmp_path / "vit-digits"
     in_process([*QUICK, "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "me/vit-digits",
-                "--output_dir", str(output)])  # fmt: skip
+                "--with_tracking", "--output_dir", str(output)])  # fmt: skip
+    assert list(output.glob("finetune/events.out.tfevents.*"))  # --with_tracking: tensorboard
     (create, repo, create_kwargs), (upload, upload_repo, upload_kwargs) = HubRecorder.calls
     assert (create, repo, create_kwargs) == ("create_repo", "me/vit-digits", {"exist_ok": True})
     assert (upload, upload_repo) == ("upload_folder", "me/vit-digits")
@@ -420,6 +434,22 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_folder_without_check
             "training_curves.png", "confusion_matrix.png"} <= set(upload_kwargs["files"])  # fmt: skip
     assert "checkpoints/**" in upload_kwargs["ignore_patterns"]
     assert "accuracy" in upload_kwargs["commit_message"]
+
+
+@pytest.mark.parametrize("name", ["multi_gpu", "multi_node", "fsdp", "deepspeed_zero2"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "examples" / "accelerate_configs" / f"{name}.yaml"))
+    assert config.num_processes >= 8 and config.compute_environment.value == "LOCAL_MACHINE"
+    if name == "fsdp":  # the unit FSDP wraps must be the model's block class
+        from hf_vit.modeling_hf_vit import Block, VisionTransformerPreTrainedModel
+
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == Block.__name__
+        assert Block.__name__ in VisionTransformerPreTrainedModel._no_split_modules
+    if name == "deepspeed_zero2":
+        json_file = ROOT / config.deepspeed_config["deepspeed_config_file"]
+        assert json.loads(json_file.read_text())["zero_optimization"]["stage"] == 2
 
 
 # ---- augmentation on the device
