@@ -6,8 +6,15 @@ import sys
 from .errors import ConversionError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line too, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see hf-vit-convert --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="hf-vit-convert",
         description="Convert Google's original ViT checkpoints (.npz) or a seed *_checkpoint.bin into a Hub-ready "
         "hf_vit folder, verified against a NumPy implementation of the original Flax model.",
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             log=None if args.quiet else print,
         )
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message held
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written.", file=sys.stderr)

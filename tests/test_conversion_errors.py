@@ -247,6 +247,16 @@ def test_failed_verification_writes_nothing(tmp_path, capsys, monkeypatch):
     assert_refused(tmp_path, capsys, [npz, tmp_path / "out"], "Verification failed: max abs difference 1.00e-03")
 
 
+def test_usage_errors_are_one_line_too(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["only-one-argument"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    with pytest.raises(SystemExit):
+        main(["a.npz", "out", "--image-size", "big"])
+    assert "invalid int value: 'big'" in capsys.readouterr().err
+
+
 def test_api_raises_a_value_error_subclass(tmp_path):
     with pytest.raises(ValueError, match="Unknown checkpoint"):
         convert("ViT-Z_99", tmp_path / "out", log=None)
