@@ -227,7 +227,8 @@ def verify_folder(
     Load `folder` strictly and compare its head input and logits with the NumPy reference of the Flax model.
 
     The model runs in float32; for bfloat16/float16 folders the reference rounds its parameters the same way, so the
-    same tolerance applies. Raises ConversionError above `tolerance`.
+    same tolerance applies. Returns the max abs differences and `passed` (all within `tolerance`); raises
+    ConversionError only if the folder does not load strictly.
     """
     import torch
     from transformers.utils import logging as transformers_logging
