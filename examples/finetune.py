@@ -299,10 +299,7 @@ def prepare_splits(dataset: datasets.DatasetDict, args: argparse.Namespace):
     if report_name == "test" and "validation" in dataset:
         selection, selection_name = dataset["validation"], "validation"
     if args.validation_split_percentage:
-        # keep_in_memory: every process computes the same split (same seed) without racing on a cache file.
-        held_out = train.train_test_split(
-            test_size=args.validation_split_percentage / 100, seed=args.seed, keep_in_memory=True
-        )
+        held_out = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         train, selection, selection_name = held_out["train"], held_out["test"], "validation (held out from train)"
     if report_name is None:
         if selection is None:
@@ -795,7 +792,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- data
     with accelerator.main_process_first():  # the main process downloads and caches, the others read the cache
         dataset = load_image_dataset(args)
-    train, (selection, selection_name), (report, report_name), labels = prepare_splits(dataset, args)
+        train, (selection, selection_name), (report, report_name), labels = prepare_splits(dataset, args)
 
     # ---- model
     model, provenance = load_model(args, labels, accelerator)
