@@ -265,3 +265,11 @@ def test_a_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         load_cli().save_png(BrokenFigure(), str(tmp_path / "map.png"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_readme_figure_is_committed_small_and_made_by_this_tool():
+    docs = SCRIPT.parents[1] / "docs"
+    assert (docs / "attention_map.png").stat().st_size < 150_000
+    with Image.open(docs / "attention_map.png") as png, Image.open(docs / "digit_8.png") as digit:
+        assert png.size == (round(3 * PANEL_INCHES * FIGURE_DPI), round((PANEL_INCHES + CAPTION_INCHES) * FIGURE_DPI))
+        assert digit.size == (32, 32)
