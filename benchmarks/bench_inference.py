@@ -151,7 +151,8 @@ def report(results: dict[str, object], compiled: bool) -> str:
     meta = results["machine"]
     peaks = ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in results["matmul_peak_gflops"].items())
     lines = [
-        f"Inference, {meta['date']}, {meta['cpu']} ({meta['threads']} threads, torch {meta['torch']}, "
+        f"Inference, {meta['date']}, {meta['cpu']} ({meta['threads']} threads, "
+        f"load {meta['load_average_1min']:.1f}, torch {meta['torch']}, "
         f"transformers {meta['transformers']})",
         f"forward {results['forward_gflop']:.2f} GFLOP/image; matmul peak {peaks}; ratios are paired medians "
         "(> 1: hf_vit faster); best = the faster of eager and compile for each.",

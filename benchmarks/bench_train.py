@@ -165,6 +165,7 @@ def report(results: dict[str, object], compiled: bool) -> str:
     peaks = ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in results["matmul_peak_gflops"].items())
     lines = [
         f"Training step (forward + backward + SGD), {meta['date']}, {meta['cpu']} ({meta['threads']} threads, "
+        f"load {meta['load_average_1min']:.1f}, "
         f"torch {meta['torch']}, transformers {meta['transformers']})",
         f"matmul peak {peaks}; roofline = peak / (3 x forward FLOPs); ratios are paired medians (> 1: hf_vit faster).",
         "",

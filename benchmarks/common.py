@@ -201,6 +201,7 @@ def machine() -> dict[str, object]:
         "isa": isa,
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],  # other processes on the same cores slow every contender
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "hf_vit": getattr(hf_vit, "__version__", "dev"),

@@ -6,12 +6,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from hf_vit import VisionTransformerForImageClassification, modeling_hf_vit
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import common  # noqa: E402
+from conftest import randomize_, tiny_config  # noqa: E402
 
 
 def run_script(name: str, *args: str) -> str:
@@ -47,3 +51,34 @@ def test_bench_train_prints_its_table(tmp_path):
     out = run_script("bench_train.py", "--precisions", "bf16", "--no-memory", "--json", str(results))
     assert "| px x batch | precision | transformers eager img/s |" in out
     assert json.loads(results.read_text())["rows"][0]["precision"] == "bf16"
+
+
+# The fast path the benchmarks measure: without gradients on CPU, each Linear (+GELU) is one oneDNN call.
+needs_onednn = pytest.mark.skipif(modeling_hf_vit._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu"])
+def test_onednn_inference_matches_the_autograd_path(monkeypatch, pixel_values, hidden_act):
+    model = randomize_(VisionTransformerForImageClassification(tiny_config(hidden_act=hidden_act))).eval()
+    reference = model(pixel_values).logits.detach()  # gradients on: nn.Linear and ACT2FN
+    calls = []
+    onednn = modeling_hf_vit._ONEDNN_LINEAR
+    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_LINEAR", lambda *args: calls.append(args[3]) or onednn(*args))
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    assert calls.count("gelu") == 2 and len(calls) == 2 * 6  # fc1 + GELU fused; query, key, value, out, fc2 plain
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_onednn_path_leaves_hooked_and_autocast_layers_to_their_forward(pixel_values):
+    model = randomize_(VisionTransformerForImageClassification(tiny_config())).eval()
+    seen = []
+    model.transformer.encoder.layer[0].ffn.fc1.register_forward_hook(lambda module, args, output: seen.append(1))
+    with torch.no_grad():
+        model(pixel_values)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(pixel_values).logits
+    assert len(seen) == 2
+    assert logits.dtype == torch.bfloat16
