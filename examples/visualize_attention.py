@@ -16,6 +16,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
@@ -108,7 +109,8 @@ def load_model(name: str):
         options = {} if config.model_type == "hf_vit" else {"attn_implementation": "eager"}
         model = auto_class.from_pretrained(name, **options).eval()
     except Exception as error:  # a missing folder, an unreachable Hub, an unknown model type...
-        raise UsageError(f"could not load model {name!r}: {_one_line(error)}") from error
+        where = "" if os.path.isdir(name) else " (no such folder, so it was looked up on the Hub)"
+        raise UsageError(f"could not load model {name!r}{where}: {_one_line(error)}") from error
     try:
         image_processor = AutoImageProcessor.from_pretrained(name)
     except Exception:  # no preprocessor_config.json: the original models' preprocessing
@@ -120,7 +122,7 @@ def load_model(name: str):
 
 def top_predictions(model, logits: torch.Tensor | None, k: int = 5) -> str:
     if logits is None:
-        return "(base model: no classification head, no predictions)"
+        return "no predictions: a base model without a classification head"
     probabilities = logits[0].float().softmax(dim=-1)
     scores, indices = probabilities.topk(min(k, probabilities.numel()))
     names = [str(model.config.id2label.get(index, index))[:40] for index in indices.tolist()]
@@ -172,7 +174,9 @@ def run(args: argparse.Namespace) -> None:
     title = f"rollout, {args.head_fusion}" if args.method == "rollout" else f"last layer, {args.head_fusion}"
     if args.discard_ratio:
         title += f", discard {args.discard_ratio:g}"
-    caption = f"{args.model} at {height}x{width}, top-5:\n" + top_predictions(model, getattr(outputs, "logits", None))
+    logits = getattr(outputs, "logits", None)
+    header = f"{args.model} at {height}x{width}" + (", top-5:" if logits is not None else "")
+    caption = header + "\n" + top_predictions(model, logits)
     save_png(plot_attention(image, attention, title=title, caption=caption), args.output)
     print(f"wrote {args.output}")
 
@@ -187,4 +191,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The Hub client logs each retry of an unreachable server; the one error line says what failed.
+    huggingface_hub.utils.logging.set_verbosity_error()
     sys.exit(main())
