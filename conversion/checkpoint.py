@@ -145,12 +145,11 @@ class NpzCheckpoint:
         Locate the data of every uncompressed member (np.savez writes them so), to read each array with one `preadv`
         straight into its buffer.
 
-        Reading through zipfile costs an extra copy and a CRC pass per array, a third of the conversion time; the CRCs
-        are instead checked by `scan`, in a thread beside the conversion. Compressed members (savez_compressed)
-        are read by np.load.
+        Reading through zipfile costs an extra copy per array and reads in small chunks; the member's CRC-32 is still
+        checked, on the buffer just read. Compressed members (savez_compressed) are read by np.load.
         """
-        self._spans: dict[str, tuple[int, int]] = {}  # key -> (byte offset of the array data, element count)
-        self._crc_spans: list[tuple[str, int, int, int]] = []  # (key, member data offset, size, CRC-32)
+        # key -> (byte offset of the array data, element count, CRC-32 of the .npy header, CRC-32 of the member)
+        self._spans: dict[str, tuple[int, int, int, int]] = {}
         size = self.path.stat().st_size
         with open(self.path, "rb") as file:
             for key, member in self._names.items():
@@ -170,43 +169,18 @@ class NpzCheckpoint:
                         f"{self.path}: {key!r} holds {info.file_size - header_length} data bytes for shape "
                         f"{_format_shape(shape)} of {dtype}: the file is truncated or corrupt."
                     )
-                self._spans[key] = (data_offset + header_length, count)
-                self._crc_spans.append((key, data_offset, info.file_size, info.CRC))
+                file.seek(data_offset)
+                header_crc = zlib.crc32(file.read(header_length))  # the member's CRC-32 covers the .npy header too
+                self._spans[key] = (data_offset + header_length, count, header_crc, info.CRC)
         self._file = open(self.path, "rb", buffering=0)
         self._fd, self._lock = self._file.fileno(), threading.Lock()
 
-    def scan(self, sha256: bool = True, chunk_size: int = 1 << 22) -> str | None:
-        """
-        One sequential pass over the file: check every uncompressed member against the CRC-32 the zip recorded (a
-        ConversionError on a mismatch) and return the file's sha256 (None if not asked). Meant for a thread beside the
-        conversion: file reads, zlib and hashlib release the GIL.
-        """
-        spans = sorted(self._crc_spans, key=lambda span: span[1])  # (key, offset, length, CRC-32), disjoint
-        crcs, first = [0] * len(spans), 0
-        digest = hashlib.sha256() if sha256 else None
-        buffer, position = bytearray(chunk_size), 0
-        with open(self.path, "rb", buffering=0) as file:
-            while (digest is not None or first < len(spans)) and (read := file.readinto(buffer)):
-                chunk, end = memoryview(buffer)[:read], position + read
-                if digest is not None:
-                    digest.update(chunk)
-                for index in range(first, len(spans)):
-                    _, offset, length, _ = spans[index]
-                    if offset >= end:
-                        break
-                    start, stop = max(offset, position), min(offset + length, end)
-                    if stop > start:
-                        crcs[index] = zlib.crc32(chunk[start - position : stop - position], crcs[index])
-                while first < len(spans) and spans[first][1] + spans[first][2] <= end:
-                    first += 1
-                position = end
-        for (key, _, _, expected), crc in zip(spans, crcs, strict=True):
-            if crc != expected:
-                raise ConversionError(
-                    f"{self.path}: {key!r} does not match its recorded CRC-32: the checkpoint is corrupt, download "
-                    "it again."
-                )
-        return digest.hexdigest() if digest is not None else None
+    def scan(self, sha256: bool = True) -> str | None:
+        """The file's sha256 (None if not asked): one sequential read, meant for a thread beside the conversion."""
+        if not sha256:
+            return None
+        with open(self.path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
 
     def keys(self) -> list[str]:
         return list(self._names)
@@ -218,7 +192,7 @@ class NpzCheckpoint:
         """The array under `key` as float32 (native byte order), checked to be finite."""
         shape, dtype, fortran_order, _ = self._headers[key]
         if key in self._spans:
-            offset, count = self._spans[key]
+            offset, count, header_crc, member_crc = self._spans[key]
             array = np.empty(count, dtype=dtype)
             view, done = memoryview(array.view(np.uint8)), 0
             while done < view.nbytes:  # one call reads it all, but the kernel may return less for huge arrays
@@ -226,6 +200,11 @@ class NpzCheckpoint:
                 if read <= 0:
                     raise ConversionError(f"{self.path}: reading {key!r} hit the end of the file: it is truncated.")
                 done += read
+            if zlib.crc32(view, header_crc) != member_crc:  # what zipfile would have checked
+                raise ConversionError(
+                    f"{self.path}: {key!r} does not match its recorded CRC-32: the checkpoint is corrupt, download "
+                    "it again."
+                )
             array = array.reshape(shape, order="F" if fortran_order else "C")
         else:
             try:

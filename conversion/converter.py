@@ -507,7 +507,7 @@ def _convert_checkpoint(
         say(
             f"position embeddings resampled from a {arch.grid[0]}x{arch.grid[1]} to a {target_grid[0]}x{target_grid[1]} grid"
         )
-    # One pass over the file beside the conversion: the zip's CRCs, and the sha256 for the model card.
+    # The source's sha256 for the model card (unless the download recorded it), in a thread beside the conversion.
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan")
     scanned = background.submit(checkpoint.scan, sha256=resolved.sha256 is None)
 
@@ -565,7 +565,7 @@ def _convert_checkpoint(
                     f"the Flax model exceeds {VERIFY_TOLERANCE:.0e}; nothing was written."
                 )
 
-        sha256 = scanned.result() or resolved.sha256  # a corrupt file stops here, before anything is kept
+        sha256 = scanned.result() or resolved.sha256
         datasets = _datasets(resolved, arch, num_labels)
         card = CardInfo(
             title=_title(resolved, arch, target_size, num_labels),
