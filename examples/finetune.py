@@ -42,7 +42,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
@@ -493,8 +493,12 @@ def load_model(args: argparse.Namespace, labels: list[str], accelerator: Acceler
         raise
     except Exception as error:  # bad config values, missing files, size mismatches, conversion.ConversionError
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = " (pass --ignore_mismatched_sizes to re-initialise them)" if "size mismatch" in message.lower() else ""
-        raise UsageError(f"cannot build the model: {message}{hint}") from None
+        if "mismatch" in message.lower():
+            message = (
+                f"weights of {args.model_name_or_path} have other shapes than a model for {len(labels)} classes at "
+                "this resolution: pass --ignore_mismatched_sizes to re-initialise them (e.g. the head)"
+            )
+        raise UsageError(f"cannot build the model: {message}.") from None
 
 
 def resize_position_embeddings(model, image_size: int):
@@ -624,11 +628,23 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, results: dict, 
     dataset = args.dataset_name if not (args.train_dir or args.validation_dir) else "local imagefolder"
     if dataset == DIGITS:
         dataset = "scikit-learn's handwritten digits (`sklearn.datasets.load_digits`, 8x8, fixed 80/20 split)"
+    hub_dataset = "/" in args.dataset_name and not Path(args.dataset_name).exists()
     card_data = ModelCardData(
+        model_name=output_dir.name,
+        eval_results=[
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=args.dataset_name if hub_dataset else "imagefolder" if args.train_dir else DIGITS,
+                dataset_name=dataset.split(" (")[0],
+                dataset_split=results["eval_split"],
+                metric_type="accuracy",
+                metric_value=round(results["eval_accuracy"], 4),
+            )
+        ],
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["image-classification", "vision", "vit", "hf_vit"],
-        datasets=[args.dataset_name] if "/" in args.dataset_name and not Path(args.dataset_name).exists() else None,
+        datasets=[args.dataset_name] if hub_dataset else None,
         metrics=["accuracy"],
         base_model=provenance["name"] if provenance["kind"] == "pretrained" and "/" in provenance["name"] else None,
     )

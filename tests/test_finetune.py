@@ -141,6 +141,9 @@ def test_model_card_has_provenance_hyperparameters_results_and_splits(trained):
     card = ModelCard.load(trained["dir"] / "README.md")
     results = json.loads((trained["dir"] / "all_results.json").read_text())
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.dataset_split) == ("accuracy", "test")
+    assert result.metric_value == round(results["eval_accuracy"], 4)
     text = card.text
     assert "trained from scratch, config `ViT-Ti_16`" in text and TINY in text
     assert "scikit-learn's handwritten digits" in text and "1437 training images, 10 classes" in text
@@ -382,6 +385,18 @@ def test_starts_from_a_random_checkpoint_in_the_original_npz_layout(in_process, 
     assert state["transformer.embeddings.position_embeddings"].shape == (1, 1 + 2 * 2, 32)  # resampled to 16 px
     text = (output / "README.md").read_text()
     assert "ViT-tiny.npz`, an original Flax checkpoint" in text and "resampled to 16 px" in text
+
+
+def test_fine_tunes_an_hf_vit_folder_on_other_classes_with_ignore_mismatched_sizes(trained, in_process, tmp_path):
+    data = save_cifar100_like(tmp_path / "cifar100-like")
+    args = ["--model_name_or_path", str(trained["dir"]), "--dataset_name", str(data), "--total_batch_size", "8",
+            "--max_train_steps", "2", "--num_warmup_steps", "0", "--eval_steps", "2"]  # fmt: skip
+    with pytest.raises(finetune.UsageError, match="pass --ignore_mismatched_sizes"):
+        in_process([*args, "--output_dir", str(tmp_path / "refused")])
+    in_process([*args, "--ignore_mismatched_sizes", "--output_dir", str(tmp_path / "out")])
+    state = weights(tmp_path / "out")
+    assert state["head.weight"].shape == (3, 128)
+    assert f"**Base model:** `{trained['dir']}`" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(in_process, tmp_path, monkeypatch):
