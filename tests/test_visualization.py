@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import TINY, randomize_, tiny_config
 from PIL import Image
+from transformers import ViTConfig, ViTForImageClassification
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-from hf_vit import VisionTransformerForImageClassification, image_processor_for
+from hf_vit import VisionTransformerForImageClassification, VisionTransformerModel, image_processor_for
 from hf_vit.visualization import (
     CAPTION_INCHES,
     FIGURE_DPI,
@@ -210,6 +212,29 @@ def test_the_cli_reports_an_unreachable_hub_model_in_one_line(image_file, tmp_pa
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: "), result.stderr
     assert "could not load model 'no-such-user/no-such-vit'" in result.stderr and not output.exists()
+
+
+def save_other_model(kind: str, folder: Path) -> None:
+    tiny = {key: value for key, value in TINY.items() if key != "num_labels"}
+    if kind == "base":
+        VisionTransformerModel(tiny_config()).save_pretrained(folder)
+    elif kind == "gap":
+        classifier(classifier="gap", num_labels=3).save_pretrained(folder)
+    else:  # transformers' own ViT: its sdpa path returns no probabilities, so the CLI loads it eagerly
+        ViTForImageClassification(ViTConfig(**tiny, num_labels=4)).save_pretrained(folder)
+        ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("kind", ["base", "gap", "transformers_vit"])
+def test_the_cli_draws_base_models_gap_models_and_transformers_vit(kind, image_file, tmp_path, capsys):
+    save_other_model(kind, tmp_path / "model")
+    output = tmp_path / "map.png"
+    arguments = ["--model", str(tmp_path / "model"), "--image", str(image_file), "--output", str(output)]
+    assert load_cli().main(arguments + ["--image-size", "40", "24", "--method", "last_layer"]) == 0, (
+        capsys.readouterr()
+    )
+    with Image.open(output) as png:
+        assert np.asarray(png.convert("L")).std() > 10
 
 
 @pytest.fixture
