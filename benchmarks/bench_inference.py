@@ -13,6 +13,7 @@ Usage:
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             rows.append(row)
             print(
                 f"  {dtype_name} batch {batch}: " + ", ".join(f"{n} {batch / medians[n]:.2f}" for n in runs),
+                f"(row {json.dumps(row)})",
                 flush=True,
             )
         del models

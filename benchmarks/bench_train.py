@@ -16,6 +16,7 @@ Usage:
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             )
             print(
                 f"  {image_size}x{batch} {precision}: " + ", ".join(f"{n} {batch / medians[n]:.2f}" for n in runs),
+                f"(row {json.dumps(rows[-1])})",
                 flush=True,
             )
             del models, runs, steps
