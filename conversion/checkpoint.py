@@ -185,15 +185,22 @@ class NpzCheckpoint:
     def keys(self) -> list[str]:
         return list(self._names)
 
+    def nbytes(self, key: str) -> int:
+        shape, dtype, _, _ = self._headers[key]
+        return math.prod(shape) * dtype.itemsize
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self._headers[key][0]
 
-    def load(self, key: str) -> np.ndarray:
-        """The array under `key` as float32 (native byte order), checked to be finite."""
+    def load(self, key: str, buffer: bytearray | None = None) -> np.ndarray:
+        """
+        The array under `key` as float32 (native byte order), checked to be finite. With `buffer` (at least
+        `nbytes(key)` long), an uncompressed member is read into it: the result then views the buffer.
+        """
         shape, dtype, fortran_order, _ = self._headers[key]
         if key in self._spans:
             offset, count, header_crc, member_crc = self._spans[key]
-            array = np.empty(count, dtype=dtype)
+            array = np.empty(count, dtype=dtype) if buffer is None else np.frombuffer(buffer, dtype, count)
             view, done = memoryview(array.view(np.uint8)), 0
             while done < view.nbytes:  # one call reads it all, but the kernel may return less for huge arrays
                 read = self._read_into(view[done:], offset + done)
@@ -274,7 +281,11 @@ class SeedCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensors[key].shape)
 
-    def load(self, key: str) -> np.ndarray:
+    def nbytes(self, key: str) -> int:
+        return self._tensors[key].numel() * 4
+
+    def load(self, key: str, buffer: bytearray | None = None) -> np.ndarray:
+        """The tensor under `key` as a float32 array (`buffer` is ignored: the tensors are in memory already)."""
         return _checked_float32(self._tensors[key].detach().float().numpy(), key, self.path)
 
     def close(self) -> None:

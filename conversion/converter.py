@@ -29,7 +29,15 @@ from .checkpoint import (
     open_checkpoint,
 )
 from .errors import ConversionError
-from .keys import NPZ_KEY_TABLE, SEED_KEY_TABLE, Plan, plan_conversion, produce, rename_for_transformers_vit
+from .keys import (
+    NPZ_KEY_TABLE,
+    SEED_KEY_TABLE,
+    Plan,
+    ScratchRing,
+    plan_conversion,
+    produce,
+    rename_for_transformers_vit,
+)
 from .model_card import CardInfo, render_model_card
 from .reference import SeedAsFlax, flax_vit_forward, verification_images
 from .safetensors_writer import DTYPES, write_safetensors
@@ -528,10 +536,11 @@ def _convert_checkpoint(
             1
         )  # the transposes are memory-bound: one thread is as fast and leaves a core to the scan
         try:
+            scratch = ScratchRing(slots=3)  # write_safetensors keeps at most two tensors alive
             files = write_safetensors(
                 temporary,
                 [(name, entry.shape) for name, entry in entries.items()],
-                lambda name: produce(checkpoint, entries[name], plan.context),
+                lambda name: produce(checkpoint, entries[name], plan.context, scratch.next()),
                 dtype=dtype,
                 max_shard_bytes=shard_bytes,
             )
