@@ -383,3 +383,15 @@ def test_console_script_and_module_entry_point(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "model.safetensors").is_file() and result.stdout == ""
+
+
+@pytest.mark.parametrize("function", [convert, write_random_npz])
+def test_docstring_examples_run(function, tmp_path, monkeypatch):
+    import doctest
+
+    monkeypatch.chdir(tmp_path)
+    text = "\n".join(line for line in function.__doc__.splitlines() if not line.strip().startswith("```"))
+    test = doctest.DocTestParser().get_doctest(text, {}, function.__name__, None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0 and test.examples
