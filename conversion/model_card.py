@@ -82,15 +82,16 @@ def render_model_card(info: CardInfo) -> str:
     if info.image_size != info.source_image_size:
         resolution += f" (position embeddings resampled from {source_h}x{source_w} as vit_jax does)"
     origin = (
-        "a fine-tuned checkpoint of the seed repo (jeonsworld/ViT-pytorch), which uses exact GELU"
+        "a checkpoint fine-tuned with the seed repo (jeonsworld/ViT-pytorch), whose exact GELU it keeps"
         if info.seed_checkpoint
         else "Google's original Flax checkpoint (google-research/vision_transformer)"
     )
+    gelu = "exact (erf)" if info.hidden_act == "gelu" else "tanh approximation, as in the original Flax model"
     lines = [
         f"# {info.title}",
         "",
-        f'The Vision Transformer of "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021), converted from {origin}',
-        f"`{info.source_name}` to Hugging Face safetensors by hf_vit's `hf-vit-convert`.",
+        f'The Vision Transformer of "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021), converted to Hugging '
+        f"Face safetensors by hf_vit's `hf-vit-convert` from `{info.source_name}`, {origin}.",
         "",
         f"- Architecture: {info.architecture}",
         f"- Resolution: {resolution}; inputs are RGB scaled to [-1, 1] (mean = std = 0.5)",
@@ -98,7 +99,7 @@ def render_model_card(info: CardInfo) -> str:
         f"- Classifier: {info.num_labels} classes"
         + (" (new head, zero-initialised for fine-tuning)" if info.new_head else ""),
         f"- pre_logits: {info.pre_logits}",
-        f"- Weights: {info.dtype}; GELU: {info.hidden_act}; LayerNorm epsilon 1e-6",
+        f"- Weights: {info.dtype}; GELU: {gelu} (`{info.hidden_act}`); LayerNorm epsilon 1e-6",
         "- Source: "
         + (f"{info.source_url}" if info.source_url else info.source_name)
         + f" (sha256 `{info.source_sha256}`)",
