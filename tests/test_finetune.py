@@ -1,8 +1,8 @@
 """examples/finetune.py: a real run on the offline digits, kill -9 + resume, 2 processes, data, checkpoints, Hub, card.
 
 One training run (module fixture `trained`) is shared by the accuracy, results, card, picture and pipeline tests and
-is the uninterrupted reference of the resume and the 2-process tests. Subprocesses run with one thread each: the test
-machines have 2 cores, and two processes spinning 2 threads each run 40x slower.
+is the uninterrupted reference of the resume and the 2-process tests. Subprocesses run with one thread each: on the
+shared 2-core test machines a small matmul ran 40x slower with 2 threads than with 1 (OpenMP threads wait on each other).
 """
 
 import importlib.util
@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ QUICK = [
     "--config_overrides", "image_size=8,patch_size=4,hidden_size=32,num_hidden_layers=1,num_attention_heads=4,"
     "intermediate_size=37",
     "--total_batch_size", "16", "--max_train_steps", "3", "--num_warmup_steps", "1", "--eval_steps", "3",
+    "--dataloader_num_workers", "0",  # persistent workers of a finished in-process run take 30 s to shut down at gc
 ]  # fmt: skip
 
 
@@ -68,6 +70,12 @@ def environment(home: Path) -> dict:
 def run_script(args: list[str], home: Path, launcher: list[str] | None = None, timeout: int = 300):
     command = (launcher or [sys.executable]) + [str(SCRIPT), *args]
     return subprocess.run(command, env=environment(home), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -238,7 +246,10 @@ def test_sigkill_then_resume_latest_gives_bit_identical_weights(trained, tmp_pat
 
 def test_two_processes_keep_the_global_batch_and_the_schedule(trained, tmp_path):
     output = tmp_path / "out"
+    # On a machine without GPUs `--multi_gpu` starts 2 CPU processes in one gloo group; accelerate 1.x's
+    # `--cpu --num_processes 2` starts a single process unless given an MPI hostfile.
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--main_process_port", str(free_port())]  # not 29500: other test sessions may be using it
     # 2 processes x 16 images x 2 accumulation steps = the reference run's 64 images in one pass
     args = [*RUN, "--per_device_train_batch_size", "16", "--output_dir", str(output)]
     result = run_script(args, trained["home"], launcher=launcher)
@@ -390,7 +401,7 @@ def test_starts_from_a_random_checkpoint_in_the_original_npz_layout(in_process, 
 def test_fine_tunes_an_hf_vit_folder_on_other_classes_with_ignore_mismatched_sizes(trained, in_process, tmp_path):
     data = save_cifar100_like(tmp_path / "cifar100-like")
     args = ["--model_name_or_path", str(trained["dir"]), "--dataset_name", str(data), "--total_batch_size", "8",
-            "--max_train_steps", "2", "--num_warmup_steps", "0", "--eval_steps", "2"]  # fmt: skip
+            "--max_train_steps", "2", "--num_warmup_steps", "0", "--eval_steps", "2", "--dataloader_num_workers", "0"]  # fmt: skip
     with pytest.raises(finetune.UsageError, match="pass --ignore_mismatched_sizes"):
         in_process([*args, "--output_dir", str(tmp_path / "refused")])
     in_process([*args, "--ignore_mismatched_sizes", "--output_dir", str(tmp_path / "out")])
