@@ -1,7 +1,9 @@
 """Fine-tune a Vision Transformer with Accelerate: the CIFAR-10 recipe of "An Image is Worth 16x16 Words".
 
-    accelerate launch examples/finetune.py --model_name_or_path ViT-B_16.npz --dataset_name uoft-cs/cifar10 \
-        --horizontal_flip --output_dir vit-b16-cifar10
+    accelerate launch --mixed_precision bf16 examples/finetune.py --model_name_or_path ViT-B_16 \
+        --dataset_name uoft-cs/cifar10 --horizontal_flip --output_dir vit-b16-cifar10
+
+(`ViT-B_16` is Google's ImageNet-21k checkpoint, downloaded and converted on the fly; a local .npz works too.)
 
 Defaults are the paper's fine-tuning recipe (and the seed repo's): SGD with momentum 0.9, lr 0.03, no weight decay,
 cosine decay after 500 linear warm-up steps, 10,000 steps of 512 images, gradient-norm clip 1.0, 224 px,
@@ -11,7 +13,9 @@ schedule are the same whatever the number of processes: the script derives gradi
 
 With no dataset argument it trains on scikit-learn's 8x8 handwritten digits, which needs no network:
 
-    python examples/finetune.py --config_name ViT-Ti_16 --config_overrides "..." --output_dir /tmp/vit-digits
+    python examples/finetune.py --config_name ViT-Ti_16 --config_overrides "image_size=8,patch_size=2,\
+hidden_size=128,num_hidden_layers=2,num_attention_heads=4,intermediate_size=256" --learning_rate 0.1 \
+        --total_batch_size 64 --max_train_steps 1000 --num_warmup_steps 100 --crop_scale 0.8 1 --output_dir vit-digits
 
 The output folder holds the model (safetensors, config, code, preprocessor), a model card (README.md),
 all_results.json, training_curves.png and confusion_matrix.png; checkpoints/ holds `accelerator.save_state` folders
