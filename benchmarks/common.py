@@ -275,17 +275,22 @@ def peak_memory_mib(spec: dict[str, object]) -> dict[str, float] | None:
 
 
 def _probe(spec: dict[str, object]) -> dict[str, float]:
-    """Build one contender as the benchmarks do, warm it up, then measure the high-water mark of two more calls."""
+    """Build one contender as the benchmarks do, then measure the high-water mark of its first three calls.
+
+    The first calls count: after them the allocator keeps the freed memory resident, so later calls would show none.
+    A compiled contender is warmed up first (compiling takes far more memory than running).
+    """
     import importlib  # noqa: PLC0415 - the probe runs as a script next to the benchmarks
 
     torch.set_num_threads(int(spec.get("threads", 2)))
     step = importlib.import_module(f"bench_{spec['kind']}").make_step(spec)
-    warm(step)
+    if spec["run"].endswith(("compile", "fast")):
+        warm(step)
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")  # reset VmHWM to the current resident size
-    step()
-    step()
+    for _ in range(3):
+        step()
     peak = _status_kib("VmHWM")
     return {"peak": peak / 1024, "above_weights": (peak - before) / 1024}
 
