@@ -63,9 +63,9 @@ def resample_position_embeddings(
 # epilogue, which saves the bias copy of `addmm` and a separate GELU pass (ATen's CPU tanh is slow). It has no backward,
 # so it only serves inference; `(name, algorithm)` of the post-op for each `hidden_act` it can fuse.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_ONEDNN_DTYPES = (torch.float32,) + (
-    (torch.bfloat16,) if _ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
-)
+# Private ops: a torch build without them (this file also runs as remote code on other versions) takes the plain path.
+_ONEDNN_BF16 = _ONEDNN_LINEAR is not None and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", bool)())
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN_BF16 else (torch.float32,)
 _ONEDNN_ACTIVATIONS = {"gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
 
 
