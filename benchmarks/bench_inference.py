@@ -15,7 +15,6 @@ Usage:
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -29,14 +28,16 @@ from common import (  # noqa: E402
     add_common_arguments,
     build_models,
     calls_per_round,
+    compare,
+    comparison_columns,
     format_table,
     forward_flops,
     interleaved,
     machine,
     matmul_peak,
     max_logit_difference,
+    memory_lines,
     our_config,
-    paired_ratio,
     peak_memory_mib,
     top_ops,
     warm,
@@ -93,27 +94,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     for name, call in calls.items():
                         print(f"\n{name}, {dtype_name}, batch {batch}:\n{top_ops(call)}", flush=True)
             peaks[dtype_name] = max(peaks[dtype_name], matmul_peak(dtype, tiny=args.tiny, repeats=3))
-            medians = {name: statistics.median(times) for name, times in seconds.items()}
-            best_theirs = min((name for name in runs if name.startswith(THEIRS)), key=medians.get)
-            best_ours = min((name for name in runs if name.startswith(OURS)), key=medians.get)
-            roofline = peaks[dtype_name] * 1e9 / flops
             row = {
                 "dtype": dtype_name,
                 "batch": batch,
-                **{f"{name} img/s": batch / medians[name] for name in runs},
-                "transformers best": best_theirs.split(" ", 1)[1],
-                "hf_vit best": best_ours.split(" ", 1)[1],
-                "ratio eager": paired_ratio(seconds[f"{THEIRS} eager"], seconds[f"{OURS} eager"]),
-                "ratio best": paired_ratio(seconds[best_theirs], seconds[best_ours]),
-                "roofline img/s": roofline,
-                "hf_vit % roofline": 100 * batch / medians[best_ours] / roofline,
-                "transformers % roofline": 100 * batch / medians[best_theirs] / roofline,
+                **compare(seconds, batch, roofline=peaks[dtype_name] * 1e9 / flops),
                 "max |logit diff|": difference,
                 "first call s": {name: first for name, (first, _) in warm_seconds.items()},
             }
             rows.append(row)
             print(
-                f"  {dtype_name} batch {batch}: " + ", ".join(f"{n} {batch / medians[n]:.2f}" for n in runs),
+                f"  {dtype_name} batch {batch}: " + ", ".join(f"{n} {row[f'{n} img/s']:.2f}" for n in runs),
                 f"(row {json.dumps(row)})",
                 flush=True,
             )
@@ -139,17 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def report(results: dict[str, object], compiled: bool) -> str:
-    names = [f"{THEIRS} eager"] + ([f"{THEIRS} compile"] if compiled else []) + [f"{OURS} eager"]
-    names += [f"{OURS} fast"] if compiled else []
-    columns = [("dtype", "dtype", "{}"), ("batch", "batch", "{}")]
-    columns += [(f"{name} img/s", f"{name} img/s", "{:.2f}") for name in names]
-    columns += [
-        ("ratio eager", "eager / eager", "{:.2f}x"),
-        ("ratio best", "best / best", "{:.2f}x"),
-        ("hf_vit % roofline", "hf_vit % roofline", "{:.0f}%"),
-        ("transformers % roofline", "transformers % roofline", "{:.0f}%"),
-        ("max |logit diff|", "max abs logit diff", "{:.1e}"),
-    ]
+    columns = [("dtype", "dtype", "{}"), ("batch", "batch", "{}")] + comparison_columns(compiled)
+    columns.append(("max |logit diff|", "max abs logit diff", "{:.1e}"))
     meta = results["machine"]
     peaks = ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in results["matmul_peak_gflops"].items())
     lines = [
@@ -161,12 +142,11 @@ def report(results: dict[str, object], compiled: bool) -> str:
         "",
         format_table(results["rows"], columns),
     ]
-    if results["memory"]:
-        memory_names = [key[: -len(" MiB")] for key in results["memory"][0] if key.endswith(" MiB")]
-        memory_columns = [("dtype", "dtype", "{}"), ("batch", "batch", "{}")]
-        memory_columns += [(f"{name} MiB", f"{name} MiB", "{:.0f}") for name in memory_names]
-        lines += ["", "Peak resident memory above the loaded model, MiB (fresh process each):", ""]
-        lines.append(format_table(results["memory"], memory_columns))
+    lines += memory_lines(
+        results["memory"],
+        [("dtype", "dtype", "{}"), ("batch", "batch", "{}")],
+        "Peak resident memory above the loaded model, MiB (fresh process each):",
+    )
     return "\n".join(lines)
 
 

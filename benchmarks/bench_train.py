@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -31,13 +30,15 @@ from common import (  # noqa: E402
     add_common_arguments,
     build_models,
     calls_per_round,
+    compare,
+    comparison_columns,
     format_table,
     forward_flops,
     interleaved,
     machine,
     matmul_peak,
+    memory_lines,
     our_config,
-    paired_ratio,
     peak_memory_mib,
     top_ops,
     warm,
@@ -115,27 +116,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             if args.profile:
                 for name, step in steps.items():
                     print(f"\n{name}, {precision}, {image_size}x{batch}:\n{top_ops(step)}", flush=True)
-            medians = {name: statistics.median(times) for name, times in seconds.items()}
-            best_theirs = min((name for name in runs if name.startswith(THEIRS)), key=medians.get)
-            best_ours = min((name for name in runs if name.startswith(OURS)), key=medians.get)
-            roofline = peaks[peak_key] * 1e9 / (step_flops / batch)
             rows.append(
                 {
                     "shape": f"{image_size}x{batch}",
                     "precision": precision,
-                    **{f"{name} img/s": batch / medians[name] for name in runs},
-                    "transformers best": best_theirs.split(" ", 1)[1],
-                    "hf_vit best": best_ours.split(" ", 1)[1],
-                    "ratio eager": paired_ratio(seconds[f"{THEIRS} eager"], seconds[f"{OURS} eager"]),
-                    "ratio best": paired_ratio(seconds[best_theirs], seconds[best_ours]),
-                    "roofline img/s": roofline,
-                    "hf_vit % roofline": 100 * batch / medians[best_ours] / roofline,
-                    "transformers % roofline": 100 * batch / medians[best_theirs] / roofline,
+                    **compare(seconds, batch, roofline=peaks[peak_key] * 1e9 / (step_flops / batch)),
                     "first call s": {name: first for name, (first, _) in warm_seconds.items()},
                 }
             )
             print(
-                f"  {image_size}x{batch} {precision}: " + ", ".join(f"{n} {batch / medians[n]:.2f}" for n in runs),
+                f"  {image_size}x{batch} {precision}: " + ", ".join(f"{n} {rows[-1][f'{n} img/s']:.2f}" for n in runs),
                 f"(row {json.dumps(rows[-1])})",
                 flush=True,
             )
@@ -153,16 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def report(results: dict[str, object], compiled: bool) -> str:
-    names = [f"{THEIRS} eager"] + ([f"{THEIRS} compile"] if compiled else []) + [f"{OURS} eager"]
-    names += [f"{OURS} fast"] if compiled else []
-    columns = [("shape", "px x batch", "{}"), ("precision", "precision", "{}")]
-    columns += [(f"{name} img/s", f"{name} img/s", "{:.2f}") for name in names]
-    columns += [
-        ("ratio eager", "eager / eager", "{:.2f}x"),
-        ("ratio best", "best / best", "{:.2f}x"),
-        ("hf_vit % roofline", "hf_vit % roofline", "{:.0f}%"),
-        ("transformers % roofline", "transformers % roofline", "{:.0f}%"),
-    ]
+    columns = [("shape", "px x batch", "{}"), ("precision", "precision", "{}")] + comparison_columns(compiled)
     meta = results["machine"]
     peaks = ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in results["matmul_peak_gflops"].items())
     lines = [
@@ -173,12 +154,11 @@ def report(results: dict[str, object], compiled: bool) -> str:
         "",
         format_table(results["rows"], columns),
     ]
-    if results["memory"]:
-        memory_names = [key[: -len(" MiB")] for key in results["memory"][0] if key.endswith(" MiB")]
-        memory_columns = [("shape", "px x batch", "{}"), ("precision", "precision", "{}")]
-        memory_columns += [(f"{name} MiB", f"{name} MiB", "{:.0f}") for name in memory_names]
-        lines += ["", "Peak resident memory above the loaded model during a step, MiB (fresh process each):", ""]
-        lines.append(format_table(results["memory"], memory_columns))
+    lines += memory_lines(
+        results["memory"],
+        [("shape", "px x batch", "{}"), ("precision", "precision", "{}")],
+        "Peak resident memory above the loaded model during a step, MiB (fresh process each):",
+    )
     return "\n".join(lines)
 
 

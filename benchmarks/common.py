@@ -209,6 +209,44 @@ def machine() -> dict[str, object]:
     }
 
 
+def compare(seconds: dict[str, list[float]], batch: int, roofline: float) -> dict[str, object]:
+    """img/s of every contender, the faster run of each side, paired ratios and the share of `roofline` (img/s)."""
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    best_theirs = min((name for name in seconds if name.startswith(THEIRS)), key=medians.get)
+    best_ours = min((name for name in seconds if name.startswith(OURS)), key=medians.get)
+    return {
+        **{f"{name} img/s": batch / medians[name] for name in seconds},
+        "transformers best": best_theirs.split(" ", 1)[1],
+        "hf_vit best": best_ours.split(" ", 1)[1],
+        "ratio eager": paired_ratio(seconds[f"{THEIRS} eager"], seconds[f"{OURS} eager"]),
+        "ratio best": paired_ratio(seconds[best_theirs], seconds[best_ours]),
+        "roofline img/s": roofline,
+        "hf_vit % roofline": 100 * batch / medians[best_ours] / roofline,
+        "transformers % roofline": 100 * batch / medians[best_theirs] / roofline,
+    }
+
+
+def comparison_columns(compiled: bool) -> list[tuple[str, str, str]]:
+    """The table columns of `compare`'s rows: each contender's img/s, the ratios, the roofline shares."""
+    names = [f"{THEIRS} eager"] + ([f"{THEIRS} compile"] if compiled else []) + [f"{OURS} eager"]
+    names += [f"{OURS} fast"] if compiled else []
+    return [(f"{name} img/s", f"{name} img/s", "{:.2f}") for name in names] + [
+        ("ratio eager", "eager / eager", "{:.2f}x"),
+        ("ratio best", "best / best", "{:.2f}x"),
+        ("hf_vit % roofline", "hf_vit % roofline", "{:.0f}%"),
+        ("transformers % roofline", "transformers % roofline", "{:.0f}%"),
+    ]
+
+
+def memory_lines(memory: list[dict[str, object]], key_columns: list[tuple[str, str, str]], title: str) -> list[str]:
+    """The peak-memory table (one `<contender> MiB` column each) under `title`, or nothing without measurements."""
+    if not memory:
+        return []
+    names = [key[: -len(" MiB")] for key in memory[0] if key.endswith(" MiB")]
+    columns = key_columns + [(f"{name} MiB", f"{name} MiB", "{:.0f}") for name in names]
+    return ["", title, "", format_table(memory, columns)]
+
+
 def format_table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
     """A markdown table of `rows` with (key, header, format) columns; missing values print as '-'."""
     header = [title for _, title, _ in columns]
