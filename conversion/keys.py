@@ -145,20 +145,18 @@ def resample_position_embeddings(array: np.ndarray, context: Context) -> np.ndar
     """
     vit_jax `checkpoint.interpolate_posembed` / the seed's `load_from`: keep the class-token row, zoom the grid.
 
-    `scipy.ndimage.zoom(grid, zoom, order=1)` is linear interpolation sampling corner to corner, which is bilinear
-    `align_corners=True`. Computed in float64 so that rounding to the saved dtype does not depend on the summation
-    order (hf_vit's own `resample_position_embeddings` does the same in float32 at run time).
+    hf_vit's own `resample_position_embeddings` (scipy `zoom(order=1)` semantics: bilinear, corner-aligned), run in
+    float64 so that rounding to the saved dtype does not depend on the summation order.
     """
     import torch
 
+    from hf_vit.modeling_hf_vit import resample_position_embeddings as resample
+
     if context.source_grid == context.target_grid:
         return array
-    prefix = context.num_prefix_tokens
-    (old_h, old_w), (new_h, new_w) = context.source_grid, context.target_grid
-    grid = torch.from_numpy(array[0, prefix:].astype(np.float64)).reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
-    grid = torch.nn.functional.interpolate(grid, size=(new_h, new_w), mode="bilinear", align_corners=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, -1).numpy()
-    return np.concatenate([array[:, :prefix], grid.astype(np.float32)], axis=1)
+    float64 = torch.from_numpy(array.astype(np.float64))
+    resampled = resample(float64, context.source_grid, context.target_grid, context.num_prefix_tokens)
+    return resampled.numpy().astype(np.float32)
 
 
 TRANSFORMS: dict[str, Transform] = {

@@ -47,13 +47,14 @@ def resample_position_embeddings(
 
     Reproduces vit_jax `checkpoint.interpolate_posembed` and the seed's `load_from`: the class-token row is kept and
     the grid goes through `scipy.ndimage.zoom(order=1)`, i.e. linear interpolation that maps corner to corner
-    (`align_corners=True`). Computed in float32 whatever the parameter dtype.
+    (`align_corners=True`). Computed in float32, or float64 for float64 input (the converter's exact resampling).
     """
     if tuple(old_grid) == tuple(new_grid):
         return position_embeddings
     prefix, grid = position_embeddings[:, :num_prefix_tokens], position_embeddings[:, num_prefix_tokens:]
     dim = grid.shape[-1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+    compute_dtype = torch.promote_types(grid.dtype, torch.float32)
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).to(compute_dtype)  # (1, D, gh, gw)
     grid = nn.functional.interpolate(grid, size=tuple(new_grid), mode="bilinear", align_corners=True)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(position_embeddings.dtype)
     return torch.cat((prefix, grid), dim=1)
