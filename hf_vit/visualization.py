@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .configuration_hf_vit import _as_pair
+
 
 HEAD_FUSIONS = ("mean", "max", "min")
 METHODS = ("rollout", "last_layer")
@@ -168,10 +170,6 @@ def last_layer_attention(
     return _read_out(fuse_heads(stacked[-1], head_fusion=head_fusion, num_prefix_tokens=prefix), grid, prefix)
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def pixel_values_for(
     model: torch.nn.Module,
     image: Image.Image,
@@ -212,7 +210,7 @@ def map_from_attentions(
 
 def grid_of(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[int, int]:
     """(rows, columns) of patches the model makes of `pixel_values`."""
-    patch = _pair(model.config.patch_size)
+    patch = _as_pair(model.config.patch_size)
     return pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1]
 
 
