@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,7 @@ from .keys import (
 )
 from .model_card import CardInfo, render_model_card
 from .reference import SeedAsFlax, flax_vit_forward, verification_images
-from .safetensors_writer import DTYPES, write_safetensors
+from .safetensors_writer import DTYPES, PRODUCED_AHEAD, write_safetensors
 from .sources import Source, resolve_source
 
 
@@ -176,13 +177,32 @@ def _build_config(arch: Architecture, *, export, image_size, num_labels, id2labe
     return config, VisionTransformerForImageClassification
 
 
-def _model_keys(model_class, config) -> dict[str, tuple[int, ...]]:
-    """The state-dict keys and shapes of the target model, from a weightless (meta-device) instance."""
+def _meta_model(model_class, config):
+    """A weightless (meta-device) instance of the target model: its keys and shapes, and its code for the folder."""
     import torch
 
     with torch.device("meta"):
-        model = model_class(config)
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+        return model_class(config)
+
+
+class _SideWork:
+    """
+    Threads beside the tensor stream: the source's scan (the zip's CRC-32s, and its sha256 for the model card unless
+    the download recorded it), started as soon as the source is open, and the small files of the output folder.
+    """
+
+    def __init__(self, checkpoint, sha256: bool):
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="conversion")
+        self._stop = threading.Event()
+        self.scan = self._pool.submit(checkpoint.scan, sha256=sha256, stop=self._stop)
+
+    def submit(self, function, *args):
+        return self._pool.submit(function, *args)
+
+    def stop(self) -> None:
+        """Cut the scan short (a finished conversion has its result already) and wait until every thread is done."""
+        self._stop.set()
+        self._pool.shutdown(wait=True)
 
 
 def _check_plan_against_model(plan: Plan, model_keys: dict[str, tuple[int, ...]], rename: Callable[[str], str]):
@@ -199,21 +219,18 @@ def _check_plan_against_model(plan: Plan, model_keys: dict[str, tuple[int, ...]]
         )
 
 
-def _write_support_files(directory: Path, config, model_class, export: str, dtype: str) -> None:
+def _write_support_files(directory: Path, config, meta_model, export: str, dtype: str) -> None:
     """config.json (+ auto_map and the remote-code files for hf_vit) and preprocessor_config.json."""
-    import torch
-
     from hf_vit import image_processor_for
 
-    config.architectures = [model_class.__name__]
+    config.architectures = [type(meta_model).__name__]
     config.dtype = dtype
     config.save_pretrained(directory)
     if export == "hf_vit":
         from transformers.dynamic_module_utils import custom_object_save
 
-        with torch.device("meta"):
-            model = model_class(config)
-        custom_object_save(model, directory, config=config)  # modeling_hf_vit.py (configuration_hf_vit.py is there)
+        # modeling_hf_vit.py (configuration_hf_vit.py is there)
+        custom_object_save(meta_model, directory, config=config)
     image_processor_for(config).save_pretrained(directory)
 
 
@@ -377,9 +394,11 @@ def convert(
 
     resolved: Source = resolve_source(source, cache=Path(cache_dir) if cache_dir else None, progress=progress)
     checkpoint = open_checkpoint(resolved.path)
+    side = _SideWork(checkpoint, sha256=resolved.sha256 is None)
     try:
         return _convert_checkpoint(
             checkpoint,
+            side,
             resolved,
             output_dir,
             parent,
@@ -403,11 +422,13 @@ def convert(
             started=started,
         )
     finally:
+        side.stop()
         checkpoint.close()
 
 
 def _convert_checkpoint(
     checkpoint,
+    side: _SideWork,
     resolved: Source,
     output_dir: Path,
     parent: Path,
@@ -508,17 +529,14 @@ def _convert_checkpoint(
         checkpoint, table, arch, target_grid=target_grid, num_labels=num_labels, keep_pre_logits=keep_pre_logits
     )
     rename = rename_for_transformers_vit if export == "transformers-vit" else (lambda key: key)
-    _check_plan_against_model(plan, _model_keys(model_class, config), rename)
+    meta_model = _meta_model(model_class, config)
+    _check_plan_against_model(plan, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, rename)
     if plan.dropped:
         say(f"dropped (replaced by a new {classes}-class head): {', '.join(plan.dropped)}")
     if target_grid != arch.grid:
         say(
             f"position embeddings resampled from a {arch.grid[0]}x{arch.grid[1]} to a {target_grid[0]}x{target_grid[1]} grid"
         )
-    # The source's sha256 for the model card (unless the download recorded it), in a thread beside the conversion.
-    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan")
-    scanned = background.submit(checkpoint.scan, sha256=resolved.sha256 is None)
-
     # 4. Build in a temporary folder next to OUTPUT_DIR; only a complete, verified folder gets renamed into place.
     created_parents = _missing_parents(output_dir)
     try:
@@ -530,13 +548,13 @@ def _convert_checkpoint(
     try:
         import torch
 
+        support_files = side.submit(_write_support_files, temporary, config, meta_model, export, dtype)
         entries = {rename(e.target): e for e in plan.entries}
         threads = torch.get_num_threads()
-        torch.set_num_threads(
-            1
-        )  # the transposes are memory-bound: one thread is as fast and leaves a core to the scan
+        # The transposes are memory-bound: one thread is as fast, and leaves a core to the scan.
+        torch.set_num_threads(1)
         try:
-            scratch = ScratchRing(slots=3)  # write_safetensors keeps at most two tensors alive
+            scratch = ScratchRing(slots=PRODUCED_AHEAD + 2)  # more than write_safetensors keeps alive
             files = write_safetensors(
                 temporary,
                 [(name, entry.shape) for name, entry in entries.items()],
@@ -546,7 +564,8 @@ def _convert_checkpoint(
             )
         finally:
             torch.set_num_threads(threads)
-        _write_support_files(temporary, config, model_class, export, dtype)
+        support_files.result()
+        sha256 = side.scan.result() or resolved.sha256  # raises if a CRC-32 did not match
         num_parameters = sum(math.prod(e.shape) for e in plan.entries)
         say(
             f"wrote {', '.join(files)}: {num_parameters:,} parameters in {dtype} ({time.perf_counter() - started:.1f} s)"
@@ -574,7 +593,6 @@ def _convert_checkpoint(
                     f"the Flax model exceeds {VERIFY_TOLERANCE:.0e}; nothing was written."
                 )
 
-        sha256 = scanned.result() or resolved.sha256
         datasets = _datasets(resolved, arch, num_labels)
         card = CardInfo(
             title=_title(resolved, arch, target_size, num_labels),
@@ -600,7 +618,7 @@ def _convert_checkpoint(
         (temporary / "README.md").write_text(render_model_card(card), encoding="utf-8")
         _move_into_place(temporary, output_dir, overwrite)
     except BaseException as error:
-        background.shutdown(wait=True)  # the scan reads the source: let it stop before cleaning up
+        side.stop()  # the support files go into the temporary folder: let them finish before it is removed
         shutil.rmtree(temporary, ignore_errors=True)
         _remove_created(created_parents)
         if isinstance(error, OSError):  # disk full, permissions...: the user's problem, told in one line
@@ -608,8 +626,6 @@ def _convert_checkpoint(
                 f"Writing {output_dir} failed: {error.strerror or error}; nothing was written."
             ) from None
         raise
-    finally:
-        background.shutdown(wait=True)
     say(f"saved {output_dir} ({time.perf_counter() - started:.1f} s)")
 
     if push_to_hub:

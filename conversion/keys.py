@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import Architecture, _format_shape
+from .checkpoint import Architecture, _format_shape, sum_is_finite
 from .errors import ConversionError
 
 
@@ -289,11 +289,11 @@ def rename_for_transformers_vit(key: str) -> str:
 
 class ScratchRing:
     """
-    Reusable read and output buffers for `produce`, in `slots` slots taken in turn, one per tensor.
+    Reusable output buffers for `produce`'s transposes, in `slots` slots taken in turn, one per tensor.
 
     A fresh buffer per tensor costs a page fault per 4 KiB (a third of a fresh process's conversion time). A slot is
     reused `slots` tensors later, so this is safe while fewer than `slots` produced tensors are alive at once:
-    `write_safetensors` holds two (the one it writes and the one being made).
+    `write_safetensors` holds `PRODUCED_AHEAD + 1` (the one it writes and those made ahead of it).
     """
 
     def __init__(self, slots: int = 3):
@@ -313,29 +313,38 @@ class ScratchRing:
 
 def produce(checkpoint, entry: Entry, context: Context, slot: dict[str, bytearray] | None = None) -> np.ndarray:
     """
-    The float32 tensor of one entry, loaded and transformed now (the caller writes it and lets it go).
+    The float32 tensor of one entry, loaded, checked to be finite and transformed now (the caller writes it and lets
+    it go).
 
-    With a `ScratchRing` slot, the tensor is read into and transposed into that slot's buffers instead of fresh memory.
+    With a `ScratchRing` slot, the tensor is transposed into that slot's buffer instead of fresh memory.
     """
     if entry.source is None:
         return np.zeros(entry.shape, dtype=np.float32)
     import torch
 
-    read_buffer = ScratchRing.buffer(slot, "read", checkpoint.nbytes(entry.source)) if slot is not None else None
-    array = TRANSFORMS[entry.transform].array(checkpoint.load(entry.source, read_buffer), context)
+    raw = checkpoint.load(entry.source, check_finite=False)
+    array = TRANSFORMS[entry.transform].array(raw, context)
     if array.shape != entry.shape:  # the shape functions and the array functions must agree
         raise AssertionError(f"{entry.target}: transform {entry.transform} gave {array.shape}, planned {entry.shape}")
-    if not array.flags.c_contiguous:  # torch's blocked copy transposes about 2.5x faster than NumPy's
+    if array.flags.c_contiguous:
+        result, checked = array, raw
+    else:  # a permuted view of `raw`: the same values, checked in the transposed copy while it is in cache
         with warnings.catch_warnings():  # the source may be read-only; it is only read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             source = torch.from_numpy(array)
             if slot is None:
-                return source.contiguous().numpy()
-            count = math.prod(entry.shape)
-            out = np.frombuffer(ScratchRing.buffer(slot, "out", 4 * count), np.float32, count).reshape(entry.shape)
-            torch.from_numpy(out).copy_(source)
-            return out
-    return array
+                result = source.contiguous().numpy()
+            else:  # torch's blocked copy transposes about 2.5x faster than NumPy's
+                count = math.prod(entry.shape)
+                result = np.frombuffer(ScratchRing.buffer(slot, "out", 4 * count), np.float32, count)
+                result = result.reshape(entry.shape)
+                torch.from_numpy(result).copy_(source)
+        checked = result
+    if not sum_is_finite(checked):
+        checkpoint.load(entry.source)  # the exact check: raises, counting the NaN and inf values, unless none
+    if not np.may_share_memory(result, raw):  # the view is no longer needed
+        checkpoint.release(entry.source)
+    return result
 
 
 __all__ = [

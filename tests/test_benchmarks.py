@@ -53,6 +53,39 @@ def test_bench_train_prints_its_table(tmp_path):
     assert json.loads(results.read_text())["rows"][0]["precision"] == "bf16"
 
 
+def test_bench_conversion_prints_its_table(tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_conversion.py"), "--tiny", "--rounds", "1"]
+    done = subprocess.run(
+        command + ["--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[1].split() == [
+        "wall",
+        "s",
+        "x",
+        "cp",
+        "CPU",
+        "s",
+        "x",
+        "cp",
+        "peak",
+        "RSS",
+        "growth",
+        "MB",
+        "x",
+        "file",
+    ]
+    assert [line[:30].strip() for line in lines[2:]] == [
+        "cp",
+        "sha256 of the file alone",
+        "convert (local file)",
+        "convert (cached official name)",
+        "convert + verify",
+    ]
+    assert not (tmp_path / "out").exists()  # every probe's output folder is removed
+
+
 # The fast path the benchmarks measure: without gradients on CPU, each Linear (+GELU) is one oneDNN call.
 needs_onednn = pytest.mark.skipif(modeling_hf_vit._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
 

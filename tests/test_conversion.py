@@ -110,6 +110,24 @@ def test_old_opt_target_prefix_is_understood(tmp_path):
     assert (folder / "model.safetensors").is_file()
 
 
+def test_npz_members_are_views_of_the_mapped_file_and_survive_release(tmp_path):
+    """`load` maps instead of reading; once `scan` and the reader released a member its pages may go, never its data."""
+    arrays = random_vit_arrays(mlp_dim=1024)  # kernels of 128 KiB: whole pages to drop
+    path = tmp_path / "vit.npz"
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+    checkpoint = NpzCheckpoint(path)
+    key = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+    view = checkpoint.load(key)
+    assert not view.flags.writeable and np.shares_memory(view, np.frombuffer(checkpoint._map, np.uint8))
+    assert checkpoint.scan(sha256=True) == hashlib.sha256(path.read_bytes()).hexdigest()  # releases every member once
+    checkpoint.release(key)  # the second reader: the pages leave this process
+    np.testing.assert_array_equal(view, arrays[key])  # read again from the page cache
+    np.testing.assert_array_equal(checkpoint[key], arrays[key])
+    del view
+    checkpoint.close()
+
+
 def test_position_embedding_resampling_equals_scipy_zoom(tmp_path):
     ndimage = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(0)
