@@ -204,8 +204,10 @@ class Attention(nn.Module):
 
         # Fused kernels (sdpa, flash, flex) return no probabilities: compute them when they are asked for.
         attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager" and not kwargs.get("output_attentions"):
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        if not kwargs.get("output_attentions"):  # (this call is also what lets `set_attn_implementation` work)
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
         attn_output, attn_weights = attention_interface(
             self,
             query,

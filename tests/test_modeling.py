@@ -1,6 +1,7 @@
 """The PyTorch model: shapes, the seed's key layout and logits, attention implementations, errors, training paths."""
 
 import math
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -192,6 +193,16 @@ def test_sdpa_is_the_default_and_equals_eager(tmp_path, pixel_values):
     assert eager.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values).logits, eager(pixel_values).logits, atol=1e-5, rtol=0)
+
+
+def test_attention_implementation_can_be_switched_on_a_loaded_model(pixel_values):
+    model = classifier()
+    with torch.no_grad():
+        sdpa_logits = model(pixel_values).logits
+        model.set_attn_implementation("eager")  # transformers allows it only for models that use the interface
+        assert model.config._attn_implementation == "eager"
+        with unittest.mock.patch.object(F, "scaled_dot_product_attention", side_effect=AssertionError("sdpa called")):
+            torch.testing.assert_close(model(pixel_values).logits, sdpa_logits, atol=1e-5, rtol=0)
 
 
 def test_output_attentions_with_sdpa_returns_the_eager_maps(tmp_path, pixel_values):
