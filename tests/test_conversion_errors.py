@@ -5,8 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import conversion.converter
+import hf_vit.modeling_hf_vit
 from conversion import ConversionError, convert
 from conversion.cli import main
 from conversion.testing import random_vit_arrays, write_random_npz, write_random_seed_checkpoint
@@ -216,6 +218,20 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, capsys, monkey
 
     monkeypatch.setattr(conversion.converter, "_write_support_files", full_disk)
     assert_refused(tmp_path, capsys, [npz, tmp_path / "deep" / "er" / "out"], "No space left on device")
+
+
+def test_key_table_that_disagrees_with_the_model_writes_nothing(tmp_path, capsys, monkeypatch):
+    """A bug guard, checked before any tensor is written: the planned shapes must be the model's."""
+    npz = write_random_npz(tmp_path / "vit.npz")
+    original = hf_vit.modeling_hf_vit.Mlp.__init__
+
+    def wider_fc1(self, config):
+        original(self, config)
+        self.fc1 = torch.nn.Linear(config.hidden_size, config.intermediate_size + 1)
+
+    monkeypatch.setattr(hf_vit.modeling_hf_vit.Mlp, "__init__", wider_fc1)
+    message = "Key table and model disagree (missing [], unexpected [], shapes ['transformer.encoder.layer.0.ffn.fc1."
+    assert_refused(tmp_path, capsys, [npz, tmp_path / "out"], message)
 
 
 def test_export_transformers_vit_refuses_what_stock_vit_cannot_hold(tmp_path, capsys):
