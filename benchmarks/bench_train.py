@@ -11,6 +11,7 @@ Contenders: transformers eager and hf_vit eager; with --compile also transformer
 Usage:
     python benchmarks/bench_train.py                                   # both shapes, fp32 and bf16 (a few minutes)
     python benchmarks/bench_train.py --precisions bf16 autocast --shapes 224x8 --compile --json train.json
+    python benchmarks/bench_train.py --device cuda --shapes 224x128 --precisions bf16 --compile   # on a GPU
     python benchmarks/bench_train.py --tiny                            # the test's smoke run
 """
 
@@ -30,10 +31,12 @@ from common import (  # noqa: E402
     add_common_arguments,
     build_models,
     calls_per_round,
+    check_device,
     compare,
     comparison_columns,
     format_table,
     forward_flops,
+    hardware,
     interleaved,
     machine,
     matmul_peak,
@@ -63,7 +66,11 @@ def training_step(model, precision: str, pixel_values: torch.Tensor, labels: tor
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else contextlib.nullcontext()
+        autocast = (
+            torch.autocast(pixel_values.device.type, dtype=torch.bfloat16)
+            if precision == "autocast"
+            else contextlib.nullcontext()
+        )
         with autocast:
             loss = model(pixel_values, labels=labels).loss
         loss.backward()
@@ -81,41 +88,42 @@ def contenders(models: dict[str, torch.nn.Module], compile_too: bool) -> dict[st
     return runs
 
 
-def batch_for(config, image_size: int, batch: int, dtype: torch.dtype, seed: int = 0):
+def batch_for(config, image_size: int, batch: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(batch, 3, image_size, image_size, generator=generator).to(dtype)
-    labels = torch.randint(0, config.num_labels, (batch,), generator=generator)
+    pixel_values = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device=device, dtype=dtype)
+    labels = torch.randint(0, config.num_labels, (batch,), generator=generator).to(device)
     return pixel_values, labels
 
 
 def make_step(spec: dict[str, object]):
     """One contender's training step (the memory probe builds exactly what the timing loop runs)."""
     config = our_config(tiny=spec["tiny"], image_size=spec["image_size"])
-    models = build_models(config, PRECISIONS[spec["precision"]])
+    device = spec.get("device", "cpu")
+    models = build_models(config, PRECISIONS[spec["precision"]], device=device)
     model = contenders(models, compile_too=spec["run"].endswith(("compile", "fast")))[spec["run"]]
-    pixel_values, labels = batch_for(config, spec["image_size"], spec["batch"], PRECISIONS[spec["precision"]])
+    pixel_values, labels = batch_for(config, spec["image_size"], spec["batch"], PRECISIONS[spec["precision"]], device)
     return training_step(model, spec["precision"], pixel_values, labels)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    rows, peaks, memory = [], {}, []
+    rows, peaks, memory, device = [], {}, [], args.device
     for image_size, batch in args.shapes:
         config = our_config(tiny=args.tiny, image_size=image_size)
         step_flops = 3 * batch * forward_flops(config)  # backward = twice the forward
         for precision in args.precisions:
             matmul_dtype = MATMUL_DTYPE[precision]
             peak_key = str(matmul_dtype).removeprefix("torch.")
-            peaks[peak_key] = max(peaks.get(peak_key, 0.0), matmul_peak(matmul_dtype, tiny=args.tiny))
-            models = build_models(config, PRECISIONS[precision])
-            pixel_values, labels = batch_for(config, image_size, batch, PRECISIONS[precision])
+            peaks[peak_key] = max(peaks.get(peak_key, 0.0), matmul_peak(matmul_dtype, tiny=args.tiny, device=device))
+            models = build_models(config, PRECISIONS[precision], device=device)
+            pixel_values, labels = batch_for(config, image_size, batch, PRECISIONS[precision], device)
             runs = contenders(models, compile_too=args.compile)
             steps = {name: training_step(model, precision, pixel_values, labels) for name, model in runs.items()}
-            warm_seconds = {name: warm(step) for name, step in steps.items()}
+            warm_seconds = {name: warm(step, device) for name, step in steps.items()}
             per_round = calls_per_round(warm_seconds[f"{OURS} eager"][1], args.calls)
-            seconds = interleaved(steps, rounds=args.rounds, calls=per_round)
+            seconds = interleaved(steps, rounds=args.rounds, calls=per_round, device=device)
             if args.profile:
                 for name, step in steps.items():
-                    print(f"\n{name}, {precision}, {image_size}x{batch}:\n{top_ops(step)}", flush=True)
+                    print(f"\n{name}, {precision}, {image_size}x{batch}:\n{top_ops(step, device=device)}", flush=True)
             rows.append(
                 {
                     "shape": f"{image_size}x{batch}",
@@ -135,11 +143,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 names = [f"{THEIRS} eager", f"{OURS} eager"] + ([] if not args.compile else [f"{OURS} fast"])
                 for name in names:
                     spec = {"kind": "train", "run": name, "precision": precision, "tiny": args.tiny}
-                    spec.update(image_size=image_size, batch=batch, threads=args.threads)
+                    spec.update(image_size=image_size, batch=batch, threads=args.threads, device=device)
                     result = peak_memory_mib(spec)
                     entry[f"{name} MiB"] = result["above_weights"] if result else None
                 memory.append(entry)
-    return {"machine": machine(), "matmul_peak_gflops": peaks, "rows": rows, "memory": memory}
+    return {"machine": machine(device), "matmul_peak_gflops": peaks, "rows": rows, "memory": memory}
 
 
 def report(results: dict[str, object], compiled: bool) -> str:
@@ -147,7 +155,7 @@ def report(results: dict[str, object], compiled: bool) -> str:
     meta = results["machine"]
     peaks = ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in results["matmul_peak_gflops"].items())
     lines = [
-        f"Training step (forward + backward + SGD), {meta['date']}, {meta['cpu']} ({meta['threads']} threads, "
+        f"Training step (forward + backward + SGD), {meta['date']}, {hardware(meta)}, "
         f"load {meta['load_average_1min']:.1f}, "
         f"torch {meta['torch']}, transformers {meta['transformers']})",
         f"matmul peak {peaks}; roofline = peak / (3 x forward FLOPs); ratios are paired medians (> 1: hf_vit faster).",
@@ -157,7 +165,8 @@ def report(results: dict[str, object], compiled: bool) -> str:
     lines += memory_lines(
         results["memory"],
         [("shape", "px x batch", "{}"), ("precision", "precision", "{}")],
-        "Peak resident memory above the loaded model during a step, MiB (fresh process each):",
+        f"Peak {'GPU' if meta.get('gpu') else 'resident'} memory above the loaded model during a step, MiB "
+        "(fresh process each):",
     )
     return "\n".join(lines)
 
@@ -168,6 +177,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, help="PXxBATCH, default 224x8 32x64")
     parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=None)
     args = parser.parse_args()
+    check_device(parser, args.device)
     args.shapes = args.shapes or ([(32, 2)] if args.tiny else [(224, 8), (32, 64)])
     args.precisions = args.precisions or ["fp32", "bf16"]
     args.rounds = args.rounds or (1 if args.tiny else 3)

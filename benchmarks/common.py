@@ -28,6 +28,7 @@ from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassificat
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICES = ("cpu", "cuda")
 OURS, THEIRS = "hf_vit", "transformers"
 
 # The tests' tiny shape (hidden 32, 2 layers, 4 heads, MLP 37): runs in seconds, measures nothing.
@@ -86,8 +87,10 @@ def to_transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
     return renamed
 
 
-def build_models(config: VisionTransformerConfig, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """Both models in `dtype` holding the same random weights (loaded strictly, so every key is mapped)."""
+def build_models(
+    config: VisionTransformerConfig, dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+) -> dict[str, torch.nn.Module]:
+    """Both models in `dtype` on `device`, holding the same random weights (loaded strictly, so every key is mapped)."""
     torch.manual_seed(seed)
     ours = VisionTransformerForImageClassification(config)
     with torch.no_grad():  # fresh models have a zero head and class token: random ones make the parity check real
@@ -95,7 +98,7 @@ def build_models(config: VisionTransformerConfig, dtype: torch.dtype, seed: int 
             parameter.normal_(0.0, 0.02)
     theirs = ViTForImageClassification(their_config(config))
     theirs.load_state_dict(to_transformers_state_dict(ours.state_dict()), strict=True)
-    return {OURS: ours.to(dtype), THEIRS: theirs.to(dtype)}
+    return {OURS: ours.to(device=device, dtype=dtype), THEIRS: theirs.to(device=device, dtype=dtype)}
 
 
 def max_logit_difference(models: dict[str, torch.nn.Module], pixel_values: torch.Tensor) -> float:
@@ -124,23 +127,40 @@ def forward_flops(config: VisionTransformerConfig, image_size: int | None = None
     return embedding + config.num_hidden_layers * per_layer + head
 
 
-def matmul_peak(dtype: torch.dtype, tiny: bool = False, repeats: int = 7) -> float:
-    """Best GFLOP/s of the ViT-B MLP matmuls (batch 8 at 224) in `dtype`: the roofline every % refers to."""
-    rows, hidden, mlp = (64, 64, 128) if tiny else (8 * 197, 768, 3072)
+def synchronize(device: str) -> None:
+    """Wait for the queued GPU work, so that a timer read after it counts it (a no-op on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, tiny: bool = False, repeats: int = 7, device: str = "cpu") -> float:
+    """
+    Best GFLOP/s of a matmul in `dtype`, the roofline every % refers to: on CPU the ViT-B MLP matmuls (batch 8 at 224),
+    on a GPU an 8192-cube product (ViT-B's own matmuls are too small to reach a GPU's dense peak).
+    """
+    if tiny:
+        rows, hidden, mlp = 64, 64, 128
+    else:
+        rows, hidden, mlp = (8 * 197, 768, 3072) if device == "cpu" else (8192, 8192, 8192)
     best = 0.0
     with torch.inference_mode():
         for fan_in, fan_out in ((hidden, mlp), (mlp, hidden)):
-            inputs, weight = torch.randn(rows, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
+            inputs = torch.randn(rows, fan_in, dtype=dtype, device=device)
+            weight = torch.randn(fan_out, fan_in, dtype=dtype, device=device)
             for _ in range(2):
                 torch.nn.functional.linear(inputs, weight)
             for _ in range(repeats):
+                synchronize(device)
                 start = time.perf_counter()
                 torch.nn.functional.linear(inputs, weight)
+                synchronize(device)
                 best = max(best, 2 * rows * fan_in * fan_out / (time.perf_counter() - start) / 1e9)
     return best
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list[float]]:
+def interleaved(
+    contenders: dict[str, Callable[[], object]], rounds: int, calls: int, device: str = "cpu"
+) -> dict[str, list[float]]:
     """Seconds per call of each contender: per round the fastest of `calls` calls; the order rotates every round."""
     seconds = {name: [] for name in contenders}
     names = list(contenders)
@@ -149,8 +169,10 @@ def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, calls:
         for name in names[shift:] + names[:shift]:
             best = float("inf")
             for _ in range(calls):
+                synchronize(device)
                 start = time.perf_counter()
                 contenders[name]()
+                synchronize(device)
                 best = min(best, time.perf_counter() - start)
             seconds[name].append(best)
     return seconds
@@ -161,12 +183,14 @@ def paired_ratio(slower: list[float], faster: list[float]) -> float:
     return statistics.median(s / f for s, f in zip(slower, faster, strict=True))
 
 
-def warm(function: Callable[[], object]) -> tuple[float, float]:
+def warm(function: Callable[[], object], device: str = "cpu") -> tuple[float, float]:
     """Call `function` twice (compiling it if it is compiled): the seconds of the first and of the second call."""
     seconds = []
     for _ in range(2):
+        synchronize(device)
         start = time.perf_counter()
         function()
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return seconds[0], seconds[1]
 
@@ -176,17 +200,20 @@ def calls_per_round(seconds_per_call: float, requested: int | None, target: floa
     return requested or max(1, min(10, round(target / seconds_per_call)))
 
 
-def top_ops(function: Callable[[], object], row_limit: int = 12) -> str:
-    """torch.profiler's table of the operators `function` spends its time in, by self CPU time."""
-    from torch.profiler import profile  # noqa: PLC0415
+def top_ops(function: Callable[[], object], row_limit: int = 12, device: str = "cpu") -> str:
+    """torch.profiler's table of the operators `function` spends its time in, by self CPU (or GPU) time."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    with profile() as profiler:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
         function()
-    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=row_limit)
 
 
-def machine() -> dict[str, object]:
-    """What a result needs to be read against: date, CPU, threads, versions."""
+def machine(device: str = "cpu") -> dict[str, object]:
+    """What a result needs to be read against: date, CPU (and GPU), threads, versions."""
     cpu = platform.processor() or platform.machine()
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -200,6 +227,8 @@ def machine() -> dict[str, object]:
         "cpu": cpu,
         "isa": isa,
         "cores": os.cpu_count(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],  # other processes on the same cores slow every contender
         "torch": torch.__version__,
@@ -269,6 +298,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, compile_default: bool)
         "--calls", type=int, default=None, help="calls per contender per round, fastest kept (default: ~1 s worth)"
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the models run (default: cpu)")
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -278,6 +308,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, compile_default: bool)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--profile", action="store_true", help="print the top operators of each contender too")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Refuse `--device cuda` in one line (exit code 2) where torch sees no GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); use --device cpu"
+        )
+
+
+def hardware(meta: dict[str, object]) -> str:
+    """'GPU name' on a GPU, else 'CPU (N threads'...: the start of a table's caption."""
+    return f"{meta['gpu']} (host {meta['cpu']}" if meta.get("gpu") else f"{meta['cpu']} ({meta['threads']} threads"
 
 
 def write_json(path: str | None, payload: dict[str, object]) -> None:
@@ -300,8 +343,11 @@ def _status_kib(field: str) -> int:
 
 
 def peak_memory_mib(spec: dict[str, object]) -> dict[str, float] | None:
-    """Run the probe for `spec` in a fresh process: {'peak': peak RSS, 'above_weights': peak - RSS before}, MiB."""
-    if not os.path.exists("/proc/self/clear_refs"):
+    """
+    Run the probe for `spec` in a fresh process: {'peak': peak, 'above_weights': peak - before}, MiB: resident memory on
+    CPU, the caching allocator's allocated bytes on a GPU (`spec["device"]`).
+    """
+    if spec.get("device", "cpu") == "cpu" and not os.path.exists("/proc/self/clear_refs"):
         return None
     command = [sys.executable, os.path.abspath(__file__), json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 2))}
@@ -323,7 +369,16 @@ def _probe(spec: dict[str, object]) -> dict[str, float]:
     torch.set_num_threads(int(spec.get("threads", 2)))
     step = importlib.import_module(f"bench_{spec['kind']}").make_step(spec)
     if spec["run"].endswith(("compile", "fast")):
-        warm(step)
+        warm(step, spec.get("device", "cpu"))
+    if spec.get("device", "cpu") == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak": peak / 2**20, "above_weights": (peak - before) / 2**20}
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")  # reset VmHWM to the current resident size

@@ -53,6 +53,32 @@ def test_bench_train_prints_its_table(tmp_path):
     assert json.loads(results.read_text())["rows"][0]["precision"] == "bf16"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
+@pytest.mark.parametrize("script", ["bench_inference.py", "bench_train.py"])
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_code_2(script):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), "--tiny", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("torch sees no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
+    )
+
+
+def test_h200_check_refuses_an_unknown_part_before_doing_anything(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "h200_check.sh")
+    done = subprocess.run(["bash", script, "inference", "nonsense"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: unknown part 'nonsense': choose from inference, train, finetune"
+    assert not os.path.exists(os.path.join(ROOT, "gpu-results")) and list(tmp_path.iterdir()) == []
+
+
 def test_bench_conversion_prints_its_table(tmp_path):
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_conversion.py"), "--tiny", "--rounds", "1"]
     done = subprocess.run(
