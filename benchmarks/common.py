@@ -208,7 +208,7 @@ def top_ops(function: Callable[[], object], row_limit: int = 12, device: str = "
     with profile(activities=activities) as profiler:
         function()
         synchronize(device)
-    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_by, row_limit=row_limit)
 
 
