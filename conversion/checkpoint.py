@@ -110,7 +110,6 @@ class NpzCheckpoint:
             raise ConversionError(
                 f"{self.path} is truncated or corrupt ({_one_line(error)}): download it again."
             ) from None
-        size = self.path.stat().st_size
         try:
             with open(self.path, "rb") as file:  # `load` returns views of this map: the page cache, no read, no copy
                 self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
@@ -146,7 +145,9 @@ class NpzCheckpoint:
                     key, functools.partial(io.BytesIO, member_bytes[: 1 << 16])
                 )
                 count = math.prod(shape)
-                if info.file_size != header_length + count * dtype.itemsize or data_offset + info.file_size > size:
+                if info.file_size != header_length + count * dtype.itemsize or data_offset + info.file_size > len(
+                    self._map
+                ):
                     raise ConversionError(
                         f"{self.path}: {key!r} holds {info.file_size - header_length} data bytes for shape "
                         f"{_format_shape(shape)} of {dtype}: the file is truncated or corrupt."
@@ -197,10 +198,10 @@ class NpzCheckpoint:
         digest = hashlib.sha256() if sha256 else None
         view, done = memoryview(self._map), 0
         try:
-            for key, (offset, count, header_crc, member_crc) in sorted(self._spans.items(), key=lambda kv: kv[1][0]):
+            for key, (_, _, header_crc, member_crc) in sorted(self._spans.items(), key=lambda kv: kv[1][0]):
                 if stop is not None and stop.is_set():
                     return None
-                end = offset + count * self._headers[key][1].itemsize
+                offset, end = self._data_range(key)
                 if digest is not None:
                     digest.update(view[done:end])
                     done = end
@@ -242,6 +243,11 @@ class NpzCheckpoint:
                 ) from None
         return _checked_float32(array, key, self.path, check_finite)
 
+    def _data_range(self, key: str) -> tuple[int, int]:
+        """The byte range of an uncompressed member's array data in the file."""
+        offset, count, _, _ = self._spans[key]
+        return offset, offset + count * self._headers[key][1].itemsize
+
     def release(self, key: str) -> None:
         """The caller is done with the view `load(key)` returned (reading it again stays correct, only slower)."""
         if key not in self._spans:
@@ -250,9 +256,9 @@ class NpzCheckpoint:
             self._readers_left[key] -= 1
             if self._readers_left[key] > 0:
                 return
-        offset, count, _, _ = self._spans[key]
+        offset, end = self._data_range(key)
         page = mmap.PAGESIZE
-        start, end = -(-offset // page) * page, (offset + count * self._headers[key][1].itemsize) // page * page
+        start, end = -(-offset // page) * page, end // page * page
         if end > start and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)  # a shared file mapping refaults from the file
 
