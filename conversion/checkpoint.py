@@ -37,6 +37,7 @@ NPY_MAGIC = b"\x93NUMPY"
 
 # Some old vit_jax files store the parameters under the optimizer's target.
 OLD_PREFIXES = ("opt/target/",)
+SCAN_BATCH_BYTES = 4 << 20  # see NpzCheckpoint._scan_batches
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,11 @@ class NpzCheckpoint:
                 f"{self.path} cannot be memory-mapped ({_one_line(error)}): copy it to a local disk first."
             ) from None
         self._names: dict[str, str] = {}  # parameter key -> member name inside the zip
-        self._headers: dict[str, tuple[tuple[int, ...], np.dtype, bool, int]] = {}
-        # Uncompressed members (np.savez writes them so): key -> (byte offset of the array data, element count, CRC-32
-        # of the .npy header, CRC-32 of the member). Their CRC-32s are checked by `scan`, in one sequential pass beside
-        # the conversion; compressed members (savez_compressed) are read, and their CRC-32s checked, by np.load.
-        self._spans: dict[str, tuple[int, int, int, int]] = {}
+        # Uncompressed members (np.savez writes them so): key -> (byte offset of the member's data, its size, its
+        # CRC-32). They come from the zip directory alone, so `scan` can start before any .npy header is parsed; it
+        # checks their CRC-32s in one sequential pass beside the conversion. Compressed members (savez_compressed) are
+        # read, and their CRC-32s checked, by np.load.
+        self._members: dict[str, tuple[int, int, int]] = {}
         for member in members:
             key = member[: -len(".npy")] if member.endswith(".npy") else member
             for prefix in OLD_PREFIXES:
@@ -132,36 +133,46 @@ class NpzCheckpoint:
             self._names[key] = member
             info = self._npz.zip.getinfo(member)
             if info.compress_type != zipfile.ZIP_STORED:
-                self._headers[key] = self._read_header(key, functools.partial(self._npz.zip.open, member))
                 continue
             local = self._map[info.header_offset : info.header_offset + 30]  # its name and extra lengths vary
             if len(local) < 30 or local[:4] != ZIP_MAGIC:
                 raise ConversionError(f"{self.path}: the zip entry of {key!r} is corrupt: download it again.")
             name_length, extra_length = struct.unpack("<HH", local[26:30])
             data_offset = info.header_offset + 30 + name_length + extra_length
-            member_bytes = memoryview(self._map)[data_offset : data_offset + info.file_size]
-            try:
-                shape, dtype, _, header_length = self._headers[key] = self._read_header(
-                    key, functools.partial(io.BytesIO, member_bytes[: 1 << 16])
+            if data_offset + info.file_size > len(self._map):
+                raise ConversionError(
+                    f"{self.path}: {key!r} ends past the end of the file: the file is truncated or corrupt, download it "
+                    "again."
                 )
-                count = math.prod(shape)
-                if info.file_size != header_length + count * dtype.itemsize or data_offset + info.file_size > len(
-                    self._map
-                ):
-                    raise ConversionError(
-                        f"{self.path}: {key!r} holds {info.file_size - header_length} data bytes for shape "
-                        f"{_format_shape(shape)} of {dtype}: the file is truncated or corrupt."
-                    )
-                header_crc = crc32(member_bytes[:header_length])  # the member's CRC-32 covers the .npy header too
-            finally:
-                member_bytes.release()
-            self._spans[key] = (data_offset + header_length, count, header_crc, info.CRC)
+            self._members[key] = (data_offset, info.file_size, info.CRC)
         # A member's mapped pages leave this process's resident set once both `scan` and the tensor's reader have
         # released it (the page cache keeps them): without that, RSS would grow by the whole file.
-        self._readers_left = {key: 2 for key in self._spans}
+        self._readers_left = {key: 2 for key in self._members}
         self._readers_lock = threading.Lock()
         if not self._names:
             raise ConversionError(f"{self.path} is an empty archive: it holds no ViT parameters.")
+
+    @functools.cached_property
+    def _headers(self) -> dict[str, tuple[tuple[int, ...], np.dtype, bool, int]]:
+        """key -> (shape, dtype, fortran_order, .npy header length) of every member, read on first use."""
+        headers = {}
+        for key, member in self._names.items():
+            if key not in self._members:
+                headers[key] = self._read_header(key, functools.partial(self._npz.zip.open, member))
+                continue
+            data_offset, size, _ = self._members[key]
+            member_bytes = memoryview(self._map)[data_offset : data_offset + min(size, 1 << 16)]
+            try:
+                headers[key] = self._read_header(key, functools.partial(io.BytesIO, member_bytes))
+            finally:
+                member_bytes.release()
+            shape, dtype, _, header_length = headers[key]
+            if size != header_length + math.prod(shape) * dtype.itemsize:
+                raise ConversionError(
+                    f"{self.path}: {key!r} holds {size - header_length} data bytes for shape "
+                    f"{_format_shape(shape)} of {dtype}: the file is truncated or corrupt."
+                )
+        return headers
 
     def _read_header(self, key: str, open_member) -> tuple[tuple[int, ...], np.dtype, bool, int]:
         """(shape, dtype, fortran_order, header length) of one member, from its .npy header alone."""
@@ -198,25 +209,43 @@ class NpzCheckpoint:
         digest = hashlib.sha256() if sha256 else None
         view, done = memoryview(self._map), 0
         try:
-            for key, (_, _, header_crc, member_crc) in sorted(self._spans.items(), key=lambda kv: kv[1][0]):
+            for batch in self._scan_batches():
                 if stop is not None and stop.is_set():
                     return None
-                offset, end = self._data_range(key)
+                end = batch[-1][1] + batch[-1][2]
                 if digest is not None:
                     digest.update(view[done:end])
                     done = end
-                if crc32(view[offset:end], header_crc) != member_crc:  # what zipfile would have checked
-                    raise ConversionError(
-                        f"{self.path}: {key!r} does not match its recorded CRC-32: the checkpoint is corrupt, "
-                        "download it again."
-                    )
-                self.release(key)
+                for key, offset, size, member_crc in batch:
+                    if crc32(view[offset : offset + size]) != member_crc:  # what zipfile would have checked
+                        raise ConversionError(
+                            f"{self.path}: {key!r} does not match its recorded CRC-32: the checkpoint is corrupt, "
+                            "download it again."
+                        )
+                    self.release(key)
             if digest is None:
                 return None
             digest.update(view[done:])
             return digest.hexdigest()
         finally:
             view.release()
+
+    def _scan_batches(self) -> list[list[tuple[str, int, int, int]]]:
+        """
+        The uncompressed members in file order, as runs of at least SCAN_BATCH_BYTES (key, offset, size, CRC-32).
+
+        Hashing a run at once gives up the GIL once instead of once per member: each time the scan takes it back it
+        may wait up to `sys.getswitchinterval()` (5 ms) behind the conversion's Python code, and a checkpoint has
+        hundreds of small members (biases, norms).
+        """
+        batches, current, size = [], [], 0
+        for key, (offset, length, crc) in sorted(self._members.items(), key=lambda item: item[1][0]):
+            current.append((key, offset, length, crc))
+            size += length
+            if size >= SCAN_BATCH_BYTES:
+                batches.append(current)
+                current, size = [], 0
+        return batches + [current] if current else batches
 
     def keys(self) -> list[str]:
         return list(self._names)
@@ -230,10 +259,11 @@ class NpzCheckpoint:
         `sum_is_finite`). An uncompressed float32 member is a read-only view of the mapped file; its CRC-32 is `scan`'s
         to check.
         """
-        shape, dtype, fortran_order, _ = self._headers[key]
-        if key in self._spans:
-            offset, count, _, _ = self._spans[key]
-            array = np.frombuffer(self._map, dtype, count, offset).reshape(shape, order="F" if fortran_order else "C")
+        shape, dtype, fortran_order, header_length = self._headers[key]
+        if key in self._members:
+            offset = self._members[key][0] + header_length
+            array = np.frombuffer(self._map, dtype, math.prod(shape), offset)
+            array = array.reshape(shape, order="F" if fortran_order else "C")
         else:
             try:
                 array = self._npz[self._names[key]]
@@ -243,22 +273,17 @@ class NpzCheckpoint:
                 ) from None
         return _checked_float32(array, key, self.path, check_finite)
 
-    def _data_range(self, key: str) -> tuple[int, int]:
-        """The byte range of an uncompressed member's array data in the file."""
-        offset, count, _, _ = self._spans[key]
-        return offset, offset + count * self._headers[key][1].itemsize
-
     def release(self, key: str) -> None:
         """The caller is done with the view `load(key)` returned (reading it again stays correct, only slower)."""
-        if key not in self._spans:
+        if key not in self._members:
             return
         with self._readers_lock:
             self._readers_left[key] -= 1
             if self._readers_left[key] > 0:
                 return
-        offset, end = self._data_range(key)
+        offset, size, _ = self._members[key]
         page = mmap.PAGESIZE
-        start, end = -(-offset // page) * page, end // page * page
+        start, end = -(-offset // page) * page, (offset + size) // page * page
         if end > start and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)  # a shared file mapping refaults from the file
 

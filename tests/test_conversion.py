@@ -18,8 +18,10 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageClassification, ViTForImageClassification, pipeline
 
 import hf_vit
+from conversion import checkpoint as checkpoint_module
 from conversion import convert, imagenet1k_labels
 from conversion.checkpoint import NpzCheckpoint, detect_npz_architecture
+from conversion.errors import ConversionError
 from conversion.keys import NPZ_KEY_TABLE, TRANSFORMS, Context, resample_position_embeddings
 from conversion.model_card import CITATION_BIBTEX
 from conversion.reference import flax_vit_forward, verification_images, zoom_linear
@@ -126,6 +128,25 @@ def test_npz_members_are_views_of_the_mapped_file_and_survive_release(tmp_path):
     np.testing.assert_array_equal(checkpoint[key], arrays[key])
     del view
     checkpoint.close()
+
+
+@pytest.mark.parametrize("batch_bytes", [4 << 20, 5000], ids=["one-batch", "many-batches"])
+def test_scan_needs_only_the_zip_directory(tmp_path, monkeypatch, batch_bytes):
+    """The CRC-32 and sha256 pass starts before any .npy header is parsed, and still catches a flipped byte."""
+    monkeypatch.setattr(checkpoint_module, "SCAN_BATCH_BYTES", batch_bytes)
+    path = write_random_npz(tmp_path / "vit.npz")
+    checkpoint = NpzCheckpoint(path)
+    assert checkpoint.scan(sha256=True) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "_headers" not in vars(checkpoint)  # parsed on first use, which the scan never makes
+    assert checkpoint.shape("cls") == (1, 1, 32)
+    checkpoint.close()
+
+    data = bytearray(path.read_bytes())
+    offset, size, _ = NpzCheckpoint(path)._members["Transformer/encoder_norm/scale"]
+    data[offset + size - 1] ^= 0xFF  # the last byte of the array data
+    (tmp_path / "flipped.npz").write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match="'Transformer/encoder_norm/scale' does not match its recorded CRC-32"):
+        NpzCheckpoint(tmp_path / "flipped.npz").scan(sha256=False)
 
 
 def test_position_embedding_resampling_equals_scipy_zoom(tmp_path):
