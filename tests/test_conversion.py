@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoModelForImageClassification, ViTForImage
 
 import hf_vit
 from conversion import checkpoint as checkpoint_module
-from conversion import convert, imagenet1k_labels
+from conversion import convert, fast_transpose, imagenet1k_labels
 from conversion.checkpoint import NpzCheckpoint, detect_npz_architecture
 from conversion.errors import ConversionError
 from conversion.keys import NPZ_KEY_TABLE, TRANSFORMS, Context, resample_position_embeddings
@@ -147,6 +147,26 @@ def test_scan_needs_only_the_zip_directory(tmp_path, monkeypatch, batch_bytes):
     (tmp_path / "flipped.npz").write_bytes(bytes(data))
     with pytest.raises(ConversionError, match="'Transformer/encoder_norm/scale' does not match its recorded CRC-32"):
         NpzCheckpoint(tmp_path / "flipped.npz").scan(sha256=False)
+
+
+@pytest.mark.parametrize("blas", [True, False], ids=["openblas", "torch"])
+def test_transposes_copy_exactly(blas, monkeypatch, tmp_path):
+    if not blas:
+        monkeypatch.setattr(fast_transpose, "_somatcopy", lambda: None)
+    elif fast_transpose._somatcopy() is None:
+        pytest.skip("this NumPy ships no OpenBLAS with cblas_somatcopy (not a manylinux/macOS-x86 wheel)")
+    rng = np.random.default_rng(0)
+    path = tmp_path / "arrays.npy"
+    np.save(path, rng.standard_normal((37, 300)).astype(np.float32))
+    mapped = np.load(path, mmap_mode="r")  # read-only, as the checkpoint's views are
+    for array in [mapped.T, rng.standard_normal((1, 5)).astype(np.float32).T, mapped[:, :1].T]:
+        out = np.full(array.shape, np.nan, dtype=np.float32)
+        assert fast_transpose.copy_into(out, array) is out
+        np.testing.assert_array_equal(out, np.array(array))
+    conv = rng.standard_normal((4, 4, 3, 8)).astype(np.float32).transpose(3, 2, 0, 1)  # not a 2-D transpose
+    np.testing.assert_array_equal(fast_transpose.copy_into(np.empty(conv.shape, np.float32), conv), conv)
+    with pytest.raises(ValueError, match="cannot copy"):
+        fast_transpose.copy_into(np.empty((3, 3), np.float32), mapped.T)
 
 
 def test_position_embedding_resampling_equals_scipy_zoom(tmp_path):
