@@ -5,6 +5,8 @@ peak RSS growth <= 1.5x the checkpoint size. Each conversion runs in a fresh pro
 converts a tiny checkpoint first (lazy imports and first calls are not the conversion), then reports the wall time of
 one `convert()` call and its peak resident memory (VmHWM) above the resident memory just before the call (VmRSS).
 `cp` and the conversion alternate, round after round, on a warm page cache; the table shows medians over rounds.
+`cp` runs right after the previous output was deleted: on a VM that returns free memory to its host that is its
+fastest case, so the ratios are conservative.
 VmHWM counts the pages of the mapped source too (the converter reads the .npz through mmap and lets a member's pages
 go once it is converted and checked); they belong to the page cache, which holds the file anyway.
 A local file's conversion cannot beat hashing it for the model card, which one core does alone in the
