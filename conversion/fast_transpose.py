@@ -4,10 +4,10 @@ allows.
 
 Nearly every byte of a checkpoint goes through a transpose (Flax keeps Dense kernels as (in, out), nn.Linear as
 (out, in)), and the transposes are the largest cost of a conversion after the sha256. For a 2-D transpose this uses
-OpenBLAS's `cblas_somatcopy`, from the OpenBLAS that NumPy's wheels ship: 6-8 GB/s on one core, 2-2.5x torch's
-blocked copy (which is itself 2.5x NumPy's; MKL's `mkl_somatcopy` inside torch runs at 1.5 GB/s on AMD CPUs). Any other
-permutation, or a NumPy without that library (a conda or macOS Accelerate build), takes torch's copy: the same values,
-only slower. The binding is checked on a small matrix before it is trusted.
+OpenBLAS's `cblas_somatcopy`, from the OpenBLAS that NumPy's wheels ship: 4-8 GB/s on one core for ViT-B/16's kernels,
+about 2x torch's blocked copy (which is itself 2.5x NumPy's; MKL's `mkl_somatcopy` inside torch runs at 1.5 GB/s on AMD
+CPUs). Any other permutation, or a NumPy without that library (a conda or macOS Accelerate build), takes torch's copy:
+the same values, only slower. The binding is checked on a small matrix before it is trusted.
 """
 
 import ctypes

@@ -142,11 +142,13 @@ def test_scan_needs_only_the_zip_directory(tmp_path, monkeypatch, batch_bytes):
     checkpoint.close()
 
     data = bytearray(path.read_bytes())
-    offset, size, _ = NpzCheckpoint(path)._members["Transformer/encoder_norm/scale"]
+    offset, size, _ = checkpoint._members["Transformer/encoder_norm/scale"]
     data[offset + size - 1] ^= 0xFF  # the last byte of the array data
     (tmp_path / "flipped.npz").write_bytes(bytes(data))
+    flipped = NpzCheckpoint(tmp_path / "flipped.npz")
     with pytest.raises(ConversionError, match="'Transformer/encoder_norm/scale' does not match its recorded CRC-32"):
-        NpzCheckpoint(tmp_path / "flipped.npz").scan(sha256=False)
+        flipped.scan(sha256=False)
+    flipped.close()
 
 
 @pytest.mark.parametrize("blas", [True, False], ids=["openblas", "torch"])
