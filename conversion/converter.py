@@ -558,7 +558,7 @@ def _convert_checkpoint(
             files = write_safetensors(
                 temporary,
                 [(name, entry.shape) for name, entry in entries.items()],
-                lambda name: produce(checkpoint, entries[name], plan.context, scratch.next()),
+                lambda name: produce(checkpoint, entries[name], plan.context, scratch),
                 dtype=dtype,
                 max_shard_bytes=shard_bytes,
             )

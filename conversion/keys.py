@@ -289,34 +289,33 @@ def rename_for_transformers_vit(key: str) -> str:
 
 class ScratchRing:
     """
-    Reusable output buffers for `produce`'s transposes, in `slots` slots taken in turn, one per tensor.
+    Reusable float32 output buffers for `produce`'s transposes, `slots` of them taken in turn, one per transposed
+    tensor.
 
-    A fresh buffer per tensor costs a page fault per 4 KiB (a third of a fresh process's conversion time). A slot is
-    reused `slots` tensors later, so this is safe while fewer than `slots` produced tensors are alive at once:
+    A fresh buffer per tensor costs a page fault per 4 KiB (a third of a fresh process's conversion time). A buffer is
+    reused `slots` transposes later, so this is safe while fewer than `slots` produced tensors are alive at once:
     `write_safetensors` holds `PRODUCED_AHEAD + 1` (the one it writes and those made ahead of it).
     """
 
     def __init__(self, slots: int = 3):
-        self._slots = [{} for _ in range(slots)]
+        self._buffers = [bytearray() for _ in range(slots)]
         self._turn = -1
 
-    def next(self) -> dict[str, bytearray]:
-        self._turn = (self._turn + 1) % len(self._slots)
-        return self._slots[self._turn]
-
-    @staticmethod
-    def buffer(slot: dict[str, bytearray], name: str, nbytes: int) -> bytearray:
-        if len(slot.get(name, b"")) < nbytes:
-            slot[name] = bytearray(nbytes)
-        return slot[name]
+    def array(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The next buffer (grown if it is too small) as a C-contiguous float32 array of `shape`."""
+        self._turn = (self._turn + 1) % len(self._buffers)
+        count = math.prod(shape)
+        if len(self._buffers[self._turn]) < 4 * count:
+            self._buffers[self._turn] = bytearray(4 * count)
+        return np.frombuffer(self._buffers[self._turn], np.float32, count).reshape(shape)
 
 
-def produce(checkpoint, entry: Entry, context: Context, slot: dict[str, bytearray] | None = None) -> np.ndarray:
+def produce(checkpoint, entry: Entry, context: Context, scratch: ScratchRing | None = None) -> np.ndarray:
     """
     The float32 tensor of one entry, loaded, checked to be finite and transformed now (the caller writes it and lets
     it go).
 
-    With a `ScratchRing` slot, the tensor is transposed into that slot's buffer instead of fresh memory.
+    With a `ScratchRing`, the tensor is transposed into its next buffer instead of fresh memory.
     """
     if entry.source is None:
         return np.zeros(entry.shape, dtype=np.float32)
@@ -327,11 +326,7 @@ def produce(checkpoint, entry: Entry, context: Context, slot: dict[str, bytearra
     if array.flags.c_contiguous:
         result, checked = array, raw
     else:  # a permuted view of `raw`: the same values, checked in the transposed copy while it is in cache
-        if slot is None:
-            out = np.empty(entry.shape, dtype=np.float32)
-        else:
-            count = math.prod(entry.shape)
-            out = np.frombuffer(ScratchRing.buffer(slot, "out", 4 * count), np.float32, count).reshape(entry.shape)
+        out = np.empty(entry.shape, dtype=np.float32) if scratch is None else scratch.array(entry.shape)
         result = checked = copy_into(out, array)
     if not sum_is_finite(checked):
         checkpoint.load(entry.source)  # the exact check: raises, counting the NaN and inf values, unless none
