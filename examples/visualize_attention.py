@@ -158,6 +158,12 @@ def _one_line(error: BaseException) -> str:
 def run(args: argparse.Namespace) -> None:
     image = load_image(args.image)
     model, image_processor = load_model(args.model)
+    broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise UsageError(
+            f"model {args.model!r} has non-finite weights ({len(broken)} tensors, first {broken[0]}): "
+            "its attention maps and predictions would be meaningless; re-export or re-train it."
+        )
     try:
         pixel_values = pixel_values_for(model, image, image_processor=image_processor, image_size=args.image_size)
         outputs = model(pixel_values, output_attentions=True, interpolate_pos_encoding=True)
@@ -170,11 +176,18 @@ def run(args: argparse.Namespace) -> None:
         )[0]
     except ValueError as error:  # e.g. an --image-size that is not a multiple of the patch size
         raise UsageError(_one_line(error)) from error
+    logits = getattr(outputs, "logits", None)
+    if not torch.isfinite(torch.as_tensor(attention)).all() or (
+        logits is not None and not torch.isfinite(logits).all()
+    ):
+        raise UsageError(
+            f"model {args.model!r} gives non-finite {'logits' if logits is not None else 'attentions'} on this "
+            "image (an overflow in its dtype?): no map written."
+        )
     height, width = pixel_values.shape[-2:]
     title = f"rollout, {args.head_fusion}" if args.method == "rollout" else f"last layer, {args.head_fusion}"
     if args.discard_ratio:
         title += f", discard {args.discard_ratio:g}"
-    logits = getattr(outputs, "logits", None)
     header = f"{args.model} at {height}x{width}" + (", top-5:" if logits is not None else "")
     caption = header + "\n" + top_predictions(model, logits)
     save_png(plot_attention(image, attention, title=title, caption=caption), args.output)

@@ -298,3 +298,22 @@ def test_the_readme_figure_is_committed_small_and_made_by_this_tool():
     with Image.open(docs / "attention_map.png") as png, Image.open(docs / "digit_8.png") as digit:
         assert png.size == (round(3 * PANEL_INCHES * FIGURE_DPI), round((PANEL_INCHES + CAPTION_INCHES) * FIGURE_DPI))
         assert digit.size == (32, 32)
+
+
+@pytest.mark.parametrize("where", ["weights", "logits"])
+def test_non_finite_weights_or_logits_are_refused_in_one_line(where, image_file, tmp_path, capsys):
+    model = classifier(seed=3)
+    with torch.no_grad():
+        if where == "weights":
+            model.head.weight[0, 0] = float("nan")
+        else:  # finite weights whose logits overflow float32
+            model.head.bias.fill_(3e38)
+            model.head.weight.fill_(3e38)
+    model.save_pretrained(tmp_path / "model")
+    output = tmp_path / "out" / "map.png"
+    output.parent.mkdir()
+    arguments = ["--model", str(tmp_path / "model"), "--image", str(image_file), "--output", str(output)]
+    assert load_cli().main(arguments) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "non-finite" in errors[0], errors
+    assert list(output.parent.iterdir()) == []
