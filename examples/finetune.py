@@ -1,6 +1,6 @@
 """Fine-tune a Vision Transformer with Accelerate: the CIFAR-10 recipe of "An Image is Worth 16x16 Words".
 
-    accelerate launch --mixed_precision bf16 examples/finetune.py --model_name_or_path ViT-B_16 \
+    accelerate launch -q --mixed_precision bf16 examples/finetune.py --model_name_or_path ViT-B_16 \
         --dataset_name uoft-cs/cifar10 --horizontal_flip --output_dir vit-b16-cifar10
 
 (`ViT-B_16` is Google's ImageNet-21k checkpoint, downloaded and converted on the fly; a local .npz works too.)
@@ -24,6 +24,7 @@ that `--resume_from_checkpoint latest` continues from, mid-epoch and bit for bit
 
 import argparse
 import ast
+import difflib
 import io
 import json
 import logging
@@ -33,6 +34,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,9 +56,18 @@ from transformers import AutoConfig, AutoModelForImageClassification, get_schedu
 import conversion
 import hf_vit  # registers model_type "hf_vit" with the Auto classes
 from conversion.model_card import CITATION_BIBTEX
-from conversion.sources import official_url
-from hf_vit.configuration_hf_vit import canonical_variant_name
+from conversion.sources import COLLECTIONS, official_url
+from hf_vit.configuration_hf_vit import VARIANTS, canonical_variant_name
 from hf_vit.modeling_hf_vit import resample_position_embeddings
+from run_folder import (
+    RunFolderError,
+    checkpoint_folders,
+    checkpoint_to_resume,
+    plan_output_dir,
+    prepare_output_dir,
+    run_identity,
+    save_checkpoint,
+)
 
 
 logger = get_logger(__name__)
@@ -65,19 +76,39 @@ ACCURACY_METRIC = Path(__file__).resolve().parent / "metrics" / "accuracy"  # ev
 DIGITS = "digits"
 IMAGE_COLUMNS = ("image", "img", "picture", "photo")  # tried in this order when no column has the Image feature
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
-CHECKPOINT_PREFIX = "step_"
+# The decode pass checks every image before training when the decoded dataset fits in this many bytes.
+DECODE_CHECK_LIMIT = 4 << 30
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: only such names are looked up on the Hub
 
 
 class UsageError(Exception):
-    """Bad input (arguments, data, checkpoint): reported as one line, exit status 2."""
+    """Bad input (arguments, data, checkpoint): reported as one line, exit status 2.
+
+    `this_process_only`: found in this process's share of the data, so every process that finds it reports it; other
+    errors are found the same way by every process and reported once, by the main one."""
+
+    def __init__(self, message: str, this_process_only: bool = False):
+        super().__init__(message)
+        self.this_process_only = this_process_only
 
 
 class NonFiniteLossError(Exception):
     """The loss became NaN or infinite: reported as one line, exit status 1; the last good checkpoint is kept."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM (as `accelerate launch` forwards it): one line saying how to resume, exit status 130."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one UsageError line (no usage block), like every other error of the script."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model_name_or_path",
@@ -127,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--horizontal_flip", action="store_true", help="Random horizontal flips (google's pipeline).")
     data.add_argument(
+        "--decode_check",
+        action=argparse.BooleanOptionalAction,
+        help="Decode every image once before training and report all unreadable ones at once (default: on when the "
+        f"decoded dataset fits in {DECODE_CHECK_LIMIT >> 30} GiB).",
+    )
+    data.add_argument(
         "--dataloader_num_workers",
         type=int,
         help="Decoding processes per training process (default: 0 for digits, else min(8, cpus per process)).",
@@ -163,13 +200,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--seed", type=int, default=42)
 
     run = parser.add_argument_group("evaluation, checkpoints, tracking, Hub")
-    run.add_argument("--output_dir", required=True)
+    run.add_argument("--output_dir", required=True, help="A new or empty folder, or the folder of the run resumed.")
+    run.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Delete what OUTPUT_DIR holds (another run's model, checkpoints) and start a new run there.",
+    )
     run.add_argument("--eval_steps", type=int, default=100, help="Evaluate every N steps (and at the end).")
     run.add_argument("--checkpointing_steps", type=int, default=500, help="accelerator.save_state every N steps.")
     run.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints (0: all).")
     run.add_argument(
         "--resume_from_checkpoint",
-        help="A checkpoint folder, or 'latest' for the newest in OUTPUT_DIR/checkpoints (a fresh start if none).",
+        help="A checkpoint folder, or 'latest' for the newest in OUTPUT_DIR/checkpoints (a fresh start if none). "
+        "Only the run that wrote it can resume it.",
+    )
+    run.add_argument(
+        "--allow_changed_arguments",
+        action="store_true",
+        help="Resume although run-defining arguments (learning rate, steps, data...) differ from the checkpoint's; "
+        "the model card lists the changes.",
     )
     run.add_argument("--with_tracking", action="store_true", help="Log loss, lr and accuracy to --report_to.")
     run.add_argument("--report_to", default="tensorboard", help="An accelerate tracker: tensorboard, wandb, all...")
@@ -327,19 +376,48 @@ def prepare_splits(dataset: datasets.DatasetDict, args: argparse.Namespace):
     return train, (selection, selection_name), (report, report_name), labels
 
 
+def decode_image(image: dict) -> tuple[PIL.Image.Image | None, str | None]:
+    """(RGB image, None), or (None, 'cannot read image NAME: why') for an unreadable one."""
+    try:
+        with PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as opened:
+            return opened.convert("RGB"), None  # grayscale, palette and RGBA images become RGB
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for corrupt or truncated files
+        return None, f"cannot read image {image.get('path') or 'stored in the dataset'}: {error}"
+
+
 def decode_images(examples: dict) -> dict:
     """Decode a batch to RGB PIL images; an unreadable one becomes None with its error beside it."""
-    images, errors = [], []
-    for image in examples["image"]:
-        name = image.get("path") or "an image stored in the dataset"
-        try:
-            with PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as opened:
-                images.append(opened.convert("RGB"))  # grayscale, palette and RGBA images become RGB
-            errors.append(None)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for corrupt or truncated files
-            images.append(None)
-            errors.append(f"cannot read image {name}: {error}")
-    return {"image": images, "label": examples["label"], "error": errors}
+    images, errors = zip(*map(decode_image, examples["image"]), strict=True) if examples["image"] else ((), ())
+    return {"image": list(images), "label": examples["label"], "error": list(errors)}
+
+
+def check_images(splits: dict[str, datasets.Dataset], enabled: bool | None, show_progress: bool) -> None:
+    """Decode every image once, before training, and report all the unreadable ones in one UsageError.
+
+    enabled None: only when the decoded images fit in DECODE_CHECK_LIMIT bytes (estimated from the first), as
+    CIFAR-size datasets do; for larger ones an unreadable image is reported when its batch comes up.
+    """
+    total = sum(len(split) for split in splits.values())
+    if enabled is None:
+        first, _ = decode_image(next(iter(splits.values()))[0]["image"])
+        enabled = first is None or total * np.asarray(first).nbytes <= DECODE_CHECK_LIMIT
+    if not enabled:
+        return
+    unreadable, names = [], []
+    with tqdm(total=total, desc="checking images", unit="img", disable=not show_progress) as progress:
+        for split in splits.values():
+            for start in range(0, len(split), 512):
+                for image in split[start : start + 512]["image"]:
+                    _, error = decode_image(image)
+                    if error:
+                        unreadable.append(error)
+                        names.append(image.get("path") or "an image stored in the dataset")
+                progress.update(min(512, len(split) - start))
+    if unreadable:
+        raise UsageError(
+            f"{len(unreadable)} of {total} images cannot be decoded: {', '.join(names)} (first: {unreadable[0]}). "
+            "Fix or remove them, then run again."
+        )
 
 
 class Collate:
@@ -433,6 +511,68 @@ def parse_overrides(text: str | None) -> dict:
     return overrides
 
 
+def close_matches(name: str, known: list[str]) -> str:
+    matches = difflib.get_close_matches(name, known, n=3, cutoff=0.8)
+    return f" (did you mean {' or '.join(map(repr, matches))}?)" if matches else ""
+
+
+def official_names() -> list[str]:
+    return [*COLLECTIONS["imagenet21k"], *(f"{c}/{m}" for c, models in COLLECTIONS.items() for m in models)]
+
+
+def variant_names() -> list[str]:
+    return [f"ViT-{variant.replace('/', '_')}" for variant in VARIANTS]
+
+
+def looks_like_a_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith((".npz", ".bin", ".json")) or name.count("/") > 1
+
+
+def check_model_names(args: argparse.Namespace) -> None:
+    """An unknown variant or checkpoint name fails now, offline, with the known names: only owner/name ids (not
+    official collections such as imagenet21k/...) are Hub ids, looked up on the Hub when the model is loaded."""
+    for flag, name, known, kind in (
+        ("--model_name_or_path", args.model_name_or_path, official_names(), "official checkpoint name"),
+        ("--config_name", args.config_name, variant_names(), "variant"),
+    ):
+        if not name or Path(name).expanduser().exists():
+            continue
+        if looks_like_a_path(name):
+            raise UsageError(f"{flag} {name}: no such file or folder.")
+        if official_url(name) if kind != "variant" else is_variant_name(name):
+            continue
+        if HUB_ID.fullmatch(name) and name.split("/")[0] not in (*COLLECTIONS, "augreg"):
+            continue
+        raise UsageError(
+            f"{flag} {name!r} is not a local path, a Hub id (owner/name) or a known {kind}{close_matches(name, known)}; "
+            f"known: {', '.join(known)}."
+        )
+
+
+def known_config_fields(args: argparse.Namespace) -> set[str] | None:
+    """The fields --config_overrides may set, from the model's config class; None for a Hub model (checked later)."""
+    source = args.model_name_or_path or args.config_name
+    path = Path(source).expanduser()
+    config_file = path / "config.json" if path.is_dir() else path if path.suffix == ".json" else None
+    if config_file is None:  # a variant, an .npz, a seed .bin, an official name: an hf_vit model
+        return (
+            set(hf_vit.VisionTransformerConfig().to_dict()) if not HUB_ID.fullmatch(source) or path.exists() else None
+        )
+    try:
+        model_type = json.loads(config_file.read_text())["model_type"]
+        return set(transformers.AutoConfig.for_model(model_type).to_dict())
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"cannot read the model type from {config_file}: {error}.") from None
+
+
+def check_config_overrides(overrides: dict, known: set[str] | None) -> None:
+    for key in overrides:
+        if known is not None and key not in known:
+            raise UsageError(
+                f"--config_overrides: {key!r} is not a field of the model's config{close_matches(key, sorted(known))}."
+            )
+
+
 def is_original_checkpoint(source: str) -> bool:
     """An original checkpoint (vit_jax .npz, seed *_checkpoint.bin, official name) rather than a folder or Hub id."""
     if Path(source).is_file():
@@ -448,14 +588,14 @@ def is_variant_name(name: str) -> bool:
         return False
 
 
-def load_model(args: argparse.Namespace, labels: list[str], accelerator: Accelerator):
+def load_model(args: argparse.Namespace, overrides: dict, labels: list[str], accelerator: Accelerator):
     """(model, provenance): from scratch (--config_name), converted from an .npz, or loaded from a folder / Hub id."""
     label_kwargs = dict(
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
-    overrides = parse_overrides(args.config_overrides)
+    overrides = dict(overrides)
     if args.image_size:
         overrides.setdefault("image_size", args.image_size)
     try:
@@ -487,6 +627,8 @@ def load_model(args: argparse.Namespace, labels: list[str], accelerator: Acceler
             official = official_url(source)
             provenance = {"kind": "converted", "name": source, "url": official[2] if official else None}
             source = str(converted)
+        if known_config_fields(args) is None:  # a Hub model: its config class is known once downloaded
+            check_config_overrides(overrides, set(type(AutoConfig.from_pretrained(source))().to_dict()))
         model = AutoModelForImageClassification.from_pretrained(
             source, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **overrides, **label_kwargs
         )
@@ -517,35 +659,6 @@ def resize_position_embeddings(model, image_size: int):
     resized = model.__class__(new_config)
     resized.load_state_dict(state, strict=True)
     return resized
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: OUTPUT_DIR/checkpoints/step_000500, written to a temporary name and renamed once complete.
-
-
-def checkpoint_folders(output_dir: Path) -> list[Path]:
-    folders = (output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
-    complete = [f for f in folders if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", f.name) and f.is_dir()]
-    return sorted(complete, key=lambda f: int(f.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, training_state: dict, keep: int) -> Path:
-    """accelerator.save_state, atomically: a kill during the save leaves the previous checkpoints as they were."""
-    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if accelerator.is_main_process:
-        (partial / "training_state.json").write_text(json.dumps(training_state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        for old in checkpoint_folders(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -720,6 +833,16 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, results: dict, 
         "|---|---|",
         *(f"| {name} | {value} |" for name, value in hyperparameters.items()),
         "",
+    ]
+    if facts["changes"]:
+        lines += [
+            "The run was resumed with changed run-defining arguments (`--allow_changed_arguments`); the table shows "
+            "the values of the last session:",
+            "",
+            *(f"- at step {change['step']}: {'; '.join(change['changes'])}" for change in facts["changes"]),
+            "",
+        ]
+    lines += [
         f"Hardware: {facts['hardware']}. Wall time: {results['train_runtime'] / 60:.1f} min "
         f"({results['train_samples_per_second']:.0f} images/s). Software: hf_vit {hf_vit.__version__}, "
         f"transformers {transformers.__version__}, torch {torch.__version__}.",
@@ -761,10 +884,68 @@ def hardware_description(accelerator: Accelerator) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def set_up_training(args, accelerator: Accelerator, overrides: dict, labels, train, eval_splits, per_device: int):
+    """(model, provenance, optimizer, scheduler, (train, monitor, report) loaders, image size), all prepared."""
+    num_processes = accelerator.num_processes
+    model, provenance = load_model(args, overrides, labels, accelerator)
+    image_size = tuple(np.broadcast_to(model.config.image_size, 2).tolist())
+    resample = hf_vit.image_processor_for(model.config).resample
+    num_workers = args.dataloader_num_workers
+    if num_workers is None:
+        num_workers = 0 if args.dataset_name == DIGITS else min(8, (os.cpu_count() or 1) // num_processes)
+    loader_kwargs = dict(
+        num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available()
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train.with_transform(decode_images),
+        batch_size=per_device * num_processes,  # one forward pass of every process; accelerate splits it
+        shuffle=True,
+        drop_last=True,
+        collate_fn=Collate(image_size, resample, keep_native_size=True),
+        **loader_kwargs,
+    )
+    if len(train_dataloader) == 0:
+        raise UsageError(
+            f"the train split has {len(train)} images, fewer than one batch of {per_device * num_processes}: "
+            "lower --total_batch_size."
+        )
+
+    def eval_dataloader(split):
+        return torch.utils.data.DataLoader(
+            split.with_transform(decode_images),
+            batch_size=args.per_device_eval_batch_size * num_processes,
+            collate_fn=Collate(image_size, resample, keep_native_size=False),
+            **{**loader_kwargs, "persistent_workers": False},
+        )
+
+    selection, report = eval_splits
+    monitor_dataloader = eval_dataloader(selection if selection is not None else report)
+    report_dataloader = eval_dataloader(report)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    model, optimizer, train_dataloader, monitor_dataloader, report_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, monitor_dataloader, report_dataloader, lr_scheduler
+    )
+    loaders = (train_dataloader, monitor_dataloader, report_dataloader)
+    return model, provenance, optimizer, lr_scheduler, loaders, image_size
+
+
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    # Everything is checked before anything is written: names, config overrides, the output folder...
+    check_model_names(args)
+    overrides = parse_overrides(args.config_overrides)
+    check_config_overrides(overrides, known_config_fields(args))
+    folder_plan = plan_output_dir(args)
 
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(
@@ -802,66 +983,36 @@ def main(argv: list[str] | None = None) -> dict:
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
 
+    # ---- data: loaded, split and (when it fits in memory) decoded once, so that bad images are found now
+    with accelerator.main_process_first():  # the main process downloads and caches, the others read the cache
+        dataset = load_image_dataset(args)
+        train, (selection, selection_name), (report, report_name), labels = prepare_splits(dataset, args)
+    splits = {"train": train, report_name: report, **({selection_name: selection} if selection is not None else {})}
+    if accelerator.is_main_process:  # the others wait for it below; if it fails, the launcher stops them
+        check_images(splits, args.decode_check, show_progress=accelerator.is_local_main_process)
+
+    # ---- the run's folder: only the run that owns it resumes in it
+    fingerprints = {name.split()[0]: split._fingerprint for name, split in splits.items()}
+    identity = run_identity(args, fingerprints, accelerator.mixed_precision)
+    checkpoint, changes = checkpoint_to_resume(args, identity)
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         # Create the repo first: a bad token or name fails now, not after hours of training.
         repo_id = HfApi().create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
+    created = False
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-
-    # ---- data
-    with accelerator.main_process_first():  # the main process downloads and caches, the others read the cache
-        dataset = load_image_dataset(args)
-        train, (selection, selection_name), (report, report_name), labels = prepare_splits(dataset, args)
-
-    # ---- model
-    model, provenance = load_model(args, labels, accelerator)
-    image_size = tuple(np.broadcast_to(model.config.image_size, 2).tolist())
-    resample = hf_vit.image_processor_for(model.config).resample
-    num_workers = args.dataloader_num_workers
-    if num_workers is None:
-        num_workers = 0 if args.dataset_name == DIGITS else min(8, (os.cpu_count() or 1) // num_processes)
-    loader_kwargs = dict(
-        num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available()
-    )
-    train_dataloader = torch.utils.data.DataLoader(
-        train.with_transform(decode_images),
-        batch_size=per_device * num_processes,  # one forward pass of every process; accelerate splits it
-        shuffle=True,
-        drop_last=True,
-        collate_fn=Collate(image_size, resample, keep_native_size=True),
-        **loader_kwargs,
-    )
-    if len(train_dataloader) == 0:
-        raise UsageError(
-            f"the train split has {len(train)} images, fewer than one batch of {per_device * num_processes}: "
-            "lower --total_batch_size."
-        )
-
-    def eval_dataloader(split):
-        return torch.utils.data.DataLoader(
-            split.with_transform(decode_images),
-            batch_size=args.per_device_eval_batch_size * num_processes,
-            collate_fn=Collate(image_size, resample, keep_native_size=False),
-            **{**loader_kwargs, "persistent_workers": False},
-        )
-
+        created = prepare_output_dir(output_dir, folder_plan, identity)
+    accelerator.wait_for_everyone()
+    try:
+        setup = set_up_training(args, accelerator, overrides, labels, train, (selection, report), per_device)
+    except BaseException:  # nothing trained yet: leave no folder behind that this run created
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    model, provenance, optimizer, lr_scheduler, loaders, image_size = setup
+    train_dataloader, monitor_dataloader, report_dataloader = loaders
     monitor_split, monitor_name = (selection, selection_name) if selection is not None else (report, report_name)
     metric = evaluate.load(str(ACCURACY_METRIC))  # evaluate's "accuracy", from a local script: works offline
-    monitor_dataloader, report_dataloader = eval_dataloader(monitor_split), eval_dataloader(report)
-
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.num_warmup_steps,
-        num_training_steps=args.max_train_steps,
-    )
-    model, optimizer, train_dataloader, monitor_dataloader, report_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, monitor_dataloader, report_dataloader, lr_scheduler
-    )
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("finetune", config=hyperparameters)
@@ -869,22 +1020,24 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- resume
     completed_steps = 0
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_accuracy": []}
-    elapsed_before = 0.0
-    checkpoint = args.resume_from_checkpoint
-    if checkpoint == "latest":
-        found = checkpoint_folders(output_dir)
-        checkpoint = str(found[-1]) if found else None
-        if checkpoint is None:
-            logger.info(f"No checkpoint in {output_dir / 'checkpoints'}: starting from scratch.")
+    elapsed_before, recorded_changes = 0.0, []
+    if args.resume_from_checkpoint == "latest" and checkpoint is None:
+        logger.info(f"No checkpoint in {output_dir / 'checkpoints'}: starting from scratch.")
     if checkpoint:
-        if not (Path(checkpoint) / "training_state.json").exists():
-            raise UsageError(f"{checkpoint} is not a checkpoint of this script (no training_state.json).")
         try:
-            accelerator.load_state(checkpoint)  # model, optimizer, scheduler, scaler, RNG states
+            accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, scaler, RNG states
         except Exception as error:  # a checkpoint of another model, or a damaged one
             raise UsageError(f"cannot resume from {checkpoint}: {str(error).strip().splitlines()[0]}") from None
-        state = json.loads((Path(checkpoint) / "training_state.json").read_text())
+        state = json.loads((checkpoint / "training_state.json").read_text())
         completed_steps, history, elapsed_before = state["completed_steps"], state["history"], state["elapsed"]
+        recorded_changes = state.get("changes", [])
+        if completed_steps >= args.max_train_steps:
+            raise UsageError(
+                f"{checkpoint} is at step {completed_steps}, not before --max_train_steps {args.max_train_steps}."
+            )
+        if changes:
+            recorded_changes = [*recorded_changes, {"step": completed_steps, "changes": changes}]
+            logger.warning(f"Resumed with changed arguments (--allow_changed_arguments): {'; '.join(changes)}.")
         logger.info(f"Resumed from {checkpoint} at step {completed_steps}.")
 
     micro_batches_per_epoch = len(train_dataloader)
@@ -907,80 +1060,95 @@ def main(argv: list[str] | None = None) -> dict:
     micro_batch = per_device * num_processes
     model.train()
     session_start, session_steps = time.time(), 0
-    with progress_bar as progress:
-        while completed_steps < args.max_train_steps:
-            consumed = completed_steps * accumulation  # micro-batches since the start
-            epoch, skip = divmod(consumed, micro_batches_per_epoch)
-            train_dataloader.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch)
-            # On resume, skip the batches the interrupted run already trained on in this epoch.
-            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-            micro_step, step_loss = 0, torch.zeros((), device=accelerator.device)
-            for batch in batches:
-                if "error" in batch:
-                    raise UsageError(batch["error"])
-                if micro_step == 0:
-                    # Each step's randomness comes from (seed, step), not from wherever the RNG happens to be: a resumed
-                    # run then draws what an uninterrupted one draws, though its loaders restarted.
-                    set_seed(args.seed + completed_steps, device_specific=True)
-                    uniforms = step_uniforms(args.seed, completed_steps, args.total_batch_size)
-                start = micro_step * micro_batch + accelerator.process_index * per_device  # this process's images
-                with accelerator.accumulate(model):
-                    pixel_values = random_resized_crop(
-                        batch["pixel_values"],
-                        uniforms[start : start + len(batch["labels"])],
-                        image_size,
-                        tuple(args.crop_scale),
-                        args.horizontal_flip,
-                    )
-                    loss = model(pixel_values=pixel_values, labels=batch["labels"]).loss
-                    step_loss += loss.detach() / accumulation
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                micro_step += 1
-                if not accelerator.sync_gradients:
-                    continue
-
-                lr = lr_scheduler.get_last_lr()[0]
-                loss_value = accelerator.reduce(step_loss, "mean").item()
-                if not math.isfinite(loss_value):
-                    found = checkpoint_folders(output_dir)
-                    raise NonFiniteLossError(
-                        f"the training loss became {loss_value} at step {completed_steps + 1} (lr {lr:.3g}); stopped. "
-                        f"Last good checkpoint: {found[-1] if found else 'none'}. Lower --learning_rate or check the data."
-                    )
-                completed_steps += 1
-                session_steps += 1
+    try:
+        with progress_bar as progress:
+            while completed_steps < args.max_train_steps:
+                consumed = completed_steps * accumulation  # micro-batches since the start
+                epoch, skip = divmod(consumed, micro_batches_per_epoch)
+                train_dataloader.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch)
+                # On resume, skip the batches the interrupted run already trained on in this epoch.
+                batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
                 micro_step, step_loss = 0, torch.zeros((), device=accelerator.device)
-                history["step"].append(completed_steps)
-                history["loss"].append(loss_value)
-                history["lr"].append(lr)
-                images_per_second = session_steps * args.total_batch_size / (time.time() - session_start)
-                progress.update(1)
-                progress.set_postfix(
-                    loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}", refresh=False
-                )
-                logs = {"train_loss": loss_value, "lr": lr, "images_per_second": images_per_second}
+                for batch in batches:
+                    if "error" in batch:
+                        raise UsageError(batch["error"], this_process_only=True)
+                    if micro_step == 0:
+                        # Each step's randomness comes from (seed, step), not from wherever the RNG happens to be: a resumed
+                        # run then draws what an uninterrupted one draws, though its loaders restarted.
+                        set_seed(args.seed + completed_steps, device_specific=True)
+                        uniforms = step_uniforms(args.seed, completed_steps, args.total_batch_size)
+                    start = micro_step * micro_batch + accelerator.process_index * per_device  # this process's images
+                    with accelerator.accumulate(model):
+                        pixel_values = random_resized_crop(
+                            batch["pixel_values"],
+                            uniforms[start : start + len(batch["labels"])],
+                            image_size,
+                            tuple(args.crop_scale),
+                            args.horizontal_flip,
+                        )
+                        loss = model(pixel_values=pixel_values, labels=batch["labels"]).loss
+                        step_loss += loss.detach() / accumulation
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad()
+                    micro_step += 1
+                    if not accelerator.sync_gradients:
+                        continue
 
-                if completed_steps % args.eval_steps == 0 or completed_steps == args.max_train_steps:
-                    accuracy, _, _ = evaluate_split(model, monitor_dataloader, accelerator, metric)
-                    history["eval_step"].append(completed_steps)
-                    history["eval_accuracy"].append(accuracy)
-                    logs[f"eval_accuracy_{monitor_name.split()[0]}"] = accuracy
-                    logger.info(f"step {completed_steps}: {monitor_name} accuracy {accuracy:.4f}")
-                if args.with_tracking:
-                    accelerator.log(logs, step=completed_steps)
-                if completed_steps % args.checkpointing_steps == 0 and completed_steps < args.max_train_steps:
-                    elapsed = elapsed_before + time.time() - started
-                    training_state = {"completed_steps": completed_steps, "history": history, "elapsed": elapsed}
-                    save_checkpoint(
-                        accelerator, output_dir, completed_steps, training_state, args.checkpoints_total_limit
+                    lr = lr_scheduler.get_last_lr()[0]
+                    loss_value = accelerator.reduce(step_loss, "mean").item()
+                    if not math.isfinite(loss_value):
+                        found = checkpoint_folders(output_dir)
+                        raise NonFiniteLossError(
+                            f"the training loss became {loss_value} at step {completed_steps + 1} (lr {lr:.3g}); stopped. "
+                            f"Last good checkpoint: {found[-1] if found else 'none'}. Lower --learning_rate or check the data."
+                        )
+                    completed_steps += 1
+                    session_steps += 1
+                    micro_step, step_loss = 0, torch.zeros((), device=accelerator.device)
+                    history["step"].append(completed_steps)
+                    history["loss"].append(loss_value)
+                    history["lr"].append(lr)
+                    images_per_second = session_steps * args.total_batch_size / (time.time() - session_start)
+                    progress.update(1)
+                    progress.set_postfix(
+                        loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}", refresh=False
                     )
-                if completed_steps >= args.max_train_steps:
-                    break
+                    logs = {"train_loss": loss_value, "lr": lr, "images_per_second": images_per_second}
+
+                    if completed_steps % args.eval_steps == 0 or completed_steps == args.max_train_steps:
+                        accuracy, _, _ = evaluate_split(model, monitor_dataloader, accelerator, metric)
+                        history["eval_step"].append(completed_steps)
+                        history["eval_accuracy"].append(accuracy)
+                        logs[f"eval_accuracy_{monitor_name.split()[0]}"] = accuracy
+                        logger.info(f"step {completed_steps}: {monitor_name} accuracy {accuracy:.4f}")
+                    if args.with_tracking:
+                        accelerator.log(logs, step=completed_steps)
+                    if completed_steps % args.checkpointing_steps == 0 and completed_steps < args.max_train_steps:
+                        elapsed = elapsed_before + time.time() - started
+                        training_state = {
+                            "completed_steps": completed_steps,
+                            "history": history,
+                            "elapsed": elapsed,
+                            "run": identity,
+                            "changes": recorded_changes,
+                        }
+                        save_checkpoint(
+                            accelerator, output_dir, completed_steps, training_state, args.checkpoints_total_limit
+                        )
+                    if completed_steps >= args.max_train_steps:
+                        break
+    except KeyboardInterrupt:  # Ctrl-C, or the SIGTERM with which `accelerate launch` stops its child
+        found = checkpoint_folders(output_dir)
+        where = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        raise Interrupted(
+            f"interrupted at step {completed_steps} of {args.max_train_steps}; {where}. Continue with the same command "
+            "and --resume_from_checkpoint latest."
+        ) from None
+
     train_runtime = elapsed_before + time.time() - started  # wall time, all sessions, loading included
 
     # ---- final evaluation, model, card, results
@@ -1041,6 +1209,7 @@ def main(argv: list[str] | None = None) -> dict:
             "mixed_precision": accelerator.mixed_precision,
             "hardware": hardware_description(accelerator),
             "argv": sys.argv[1:] if argv is None else argv,
+            "changes": recorded_changes,
         }
         write_model_card(output_dir, args, results, facts)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -1050,7 +1219,7 @@ def main(argv: list[str] | None = None) -> dict:
                 repo_id=repo_id,
                 folder_path=str(output_dir),
                 commit_message=f"examples/finetune.py: {report_name} accuracy {report_accuracy:.4f}",
-                ignore_patterns=["checkpoints/**", ".converted/**", "*.partial/**"],
+                ignore_patterns=["checkpoints/**", ".converted/**", "*.partial/**", "run.json"],
             )
     if args.with_tracking:
         accelerator.end_training()
@@ -1058,12 +1227,43 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def exit_with(line: str, status: int, every_process: bool = False) -> None:
+    """End the process with one line on stderr, printed by the main process unless every process found it itself.
+
+    Under a multi-process `accelerate launch` (torchrun) the same line goes into torch's error file, so that the
+    failure summary torchrun prints after it names this line as the root cause instead of a blank traceback.
+    """
+    if os.environ.get("RANK", "0") == "0" or every_process:
+        print(line, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # the file format of torch.distributed.elastic's @record
+        message = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": message}))
+    sys.exit(status)
+
+
+def stop(signum, frame):
+    """SIGINT and SIGTERM: stop once, as KeyboardInterrupt; the signals that follow (the launcher's SIGTERM after
+    the terminal's SIGINT) do nothing, so that the one line is printed. (Switching to SIG_IGN here instead would
+    make CPython raise 'Signal 15 ignored due to race condition' for a SIGTERM already pending.)"""
+    if not stop.stopping:
+        stop.stopping = True
+        raise KeyboardInterrupt
+
+
+stop.stopping = False
+
+
 if __name__ == "__main__":
+    # accelerate's launcher stops its child with SIGTERM when the user presses Ctrl-C: treat both alike.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         main()
-    except UsageError as error:
-        print(f"finetune.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (UsageError, RunFolderError) as error:
+        exit_with(f"finetune.py: error: {error}", 2, every_process=getattr(error, "this_process_only", False))
     except NonFiniteLossError as error:
-        print(f"finetune.py: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(f"finetune.py: error: {error}", 1)
+    except Interrupted as error:
+        exit_with(f"finetune.py: {error}", 130)
+    except KeyboardInterrupt:
+        exit_with("finetune.py: interrupted before training started; nothing was trained.", 130)

@@ -33,3 +33,19 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def pixel_values() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run finetune.main in this process with one thread, and leave accelerate's singletons as they were."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from test_finetune import finetune
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield finetune.main
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

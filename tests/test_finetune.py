@@ -48,6 +48,7 @@ QUICK = [
 
 
 def load_finetune():
+    sys.path.insert(0, str(SCRIPT.parent))  # finetune.py imports its neighbour run_folder.py, as when run as a script
     spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -92,21 +93,6 @@ def trained(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"dir": work / "out", "stdout": result.stdout, "cpu_seconds": cpu_seconds, "home": work / "home"}
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """Run finetune.main in this process with one thread, and leave accelerate's singletons as they were."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield finetune.main
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 # ---- the reference run

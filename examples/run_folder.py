@@ -1,0 +1,247 @@
+"""The output folder of an `examples/finetune.py` run: which run owns it, its checkpoints, and what a resume may change.
+
+A run writes `OUTPUT_DIR/run.json` (what defines it: the arguments below, the data's fingerprints, the model source)
+before anything else, and the same record into every checkpoint. So a new run can tell its own folder from another
+run's, `--resume_from_checkpoint latest` continues only the run that wrote the checkpoints, and a resume that
+changes what the run is (learning rate, steps, data...) is refused by name unless `--allow_changed_arguments` says so.
+
+Checkpoints are `OUTPUT_DIR/checkpoints/step_000500` folders of `accelerator.save_state`, written under a temporary
+name and renamed once complete.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+
+RUN_FILE = "run.json"
+CHECKPOINT_PREFIX = "step_"
+# The arguments that make a run what it is. The others (workers, logging, checkpoint cadence, batch split across
+# processes, Hub) may change between a run and its resume without changing its result.
+RUN_DEFINING_ARGUMENTS = (
+    "model_name_or_path",
+    "config_name",
+    "config_overrides",
+    "image_size",
+    "ignore_mismatched_sizes",
+    "dataset_name",
+    "dataset_config_name",
+    "train_dir",
+    "validation_dir",
+    "image_column_name",
+    "label_column_name",
+    "validation_split_percentage",
+    "max_train_samples",
+    "max_eval_samples",
+    "crop_scale",
+    "horizontal_flip",
+    "total_batch_size",
+    "learning_rate",
+    "momentum",
+    "weight_decay",
+    "max_grad_norm",
+    "max_train_steps",
+    "num_warmup_steps",
+    "lr_scheduler_type",
+    "seed",
+)
+
+
+class RunFolderError(Exception):
+    """The output folder or checkpoint can't be used as asked: the script reports it as one line, exit status 2."""
+
+
+def run_identity(args, data_fingerprints: dict, mixed_precision: str) -> dict:
+    """What defines a run, as JSON-able values: compared on resume, recorded in run.json and every checkpoint."""
+    arguments = {name: getattr(args, name) for name in RUN_DEFINING_ARGUMENTS}
+    arguments["crop_scale"] = list(arguments["crop_scale"])
+    arguments["mixed_precision"] = mixed_precision
+    return {"arguments": arguments, "data": data_fingerprints}
+
+
+def identity_differences(recorded: dict, current: dict) -> list[str]:
+    """'--learning_rate 0.03 -> 0.5' for each run-defining value that differs (the data as 'the data')."""
+    differences = []
+    for name, value in current["arguments"].items():
+        before = recorded.get("arguments", {}).get(name)
+        if before != value:
+            differences.append(f"--{name} {format_value(before)} -> {format_value(value)}")
+    for split, fingerprint in current["data"].items():
+        if recorded.get("data", {}).get(split) != fingerprint:
+            differences.append(
+                f"the {split} data (fingerprint {recorded.get('data', {}).get(split)} -> {fingerprint})"
+            )
+    return differences
+
+
+def format_value(value) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "(unset)" if value is None else str(value)
+
+
+def read_run_file(output_dir: Path) -> dict | None:
+    path = output_dir / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise RunFolderError(f"{path} is unreadable ({error}): pass --overwrite_output_dir to start over.") from None
+
+
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in OUTPUT_DIR/checkpoints, oldest step first."""
+    folders = (output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
+    complete = [f for f in folders if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", f.name) and f.is_dir()]
+    return sorted(complete, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name[len(CHECKPOINT_PREFIX) :])
+
+
+def read_training_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / "training_state.json").read_text())
+    except (OSError, ValueError):
+        raise RunFolderError(
+            f"{checkpoint} is not a checkpoint of this script (no readable training_state.json)."
+        ) from None
+
+
+def check_writable(output_dir: Path) -> None:
+    """The folder, or the nearest folder above it that exists, accepts new files (tried, then removed)."""
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunFolderError(f"--output_dir {output_dir}: {existing} is a file, not a folder.")
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as error:
+        raise RunFolderError(
+            f"--output_dir {output_dir} is not writable ({error.strerror}): choose another folder."
+        ) from None
+
+
+def describe_contents(output_dir: Path) -> str:
+    found = checkpoint_folders(output_dir)
+    if found:
+        return f"the checkpoints of another run (up to step {checkpoint_step(found[-1])})"
+    if (output_dir / "config.json").exists() or (output_dir / "model.safetensors").exists():
+        return "a model"
+    names = sorted(p.name for p in output_dir.iterdir())
+    return f"{len(names)} entries ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def plan_output_dir(args) -> str:
+    """Check --output_dir before anything is written: 'fresh', 'overwrite' or 'resume' (identity checked later)."""
+    output_dir = Path(args.output_dir)
+    check_writable(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunFolderError(f"--output_dir {output_dir} is a file, not a folder.")
+    empty = not output_dir.exists() or not any(output_dir.iterdir())
+    if args.overwrite_output_dir:
+        if args.resume_from_checkpoint == "latest":
+            raise RunFolderError(
+                "--overwrite_output_dir starts over: it can't be combined with --resume_from_checkpoint latest."
+            )
+        return "fresh" if empty else "overwrite"
+    if empty:
+        return "fresh"
+    if args.resume_from_checkpoint:
+        recorded = read_run_file(output_dir)
+        if recorded is not None or checkpoint_folders(output_dir):
+            return "resume"
+    hint = "" if args.resume_from_checkpoint else "--resume_from_checkpoint latest to continue the run that wrote it, "
+    raise RunFolderError(
+        f"--output_dir {output_dir} already holds {describe_contents(output_dir)}: pass {hint}--overwrite_output_dir "
+        "to replace it, or choose another folder."
+    )
+
+
+def checkpoint_to_resume(args, identity: dict) -> tuple[Path | None, list[str]]:
+    """(checkpoint or None for a fresh start, the differences --allow_changed_arguments let through).
+
+    The run resumed is the one that wrote the checkpoint (its record is in training_state.json) and, when
+    --output_dir already holds a run, that run too (its run.json).
+    """
+    output_dir = Path(args.output_dir)
+    if not args.resume_from_checkpoint:  # a fresh start, in a folder plan_output_dir found empty or may clear
+        return None, []
+    records = {}  # where -> the run recorded there
+    if output_dir.is_dir() and (recorded := read_run_file(output_dir)) is not None:
+        records[output_dir / RUN_FILE] = recorded
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_folders(output_dir) if output_dir.is_dir() else []
+        checkpoint = found[-1] if found else None
+    else:
+        checkpoint = Path(args.resume_from_checkpoint)
+        if not checkpoint.is_dir():
+            raise RunFolderError(f"--resume_from_checkpoint {checkpoint} is not a folder.")
+    if checkpoint is not None:
+        recorded = read_training_state(checkpoint).get("run")
+        if recorded is None:
+            raise RunFolderError(
+                f"{checkpoint} was written by another run or an older version of this script (it has no run record): "
+                "resume only checkpoints this script wrote, or pass --overwrite_output_dir to start over."
+            )
+        records[checkpoint] = recorded
+    differences = []
+    for where, recorded in records.items():
+        for difference in identity_differences(recorded, identity):
+            if difference not in differences:
+                differences.append(difference)
+        if differences and not args.allow_changed_arguments:
+            raise RunFolderError(
+                f"this command changes what the run in {where} is: {'; '.join(differences)}. Resume with the run's "
+                "own arguments, pass --allow_changed_arguments to continue with the new values (the model card "
+                "records the change), or choose another --output_dir."
+            )
+    return checkpoint, differences
+
+
+def prepare_output_dir(output_dir: Path, plan: str, identity: dict) -> bool:
+    """Create (or empty, for 'overwrite') the folder and write run.json; True if this call created the folder."""
+    created = not output_dir.exists()
+    if plan == "overwrite":
+        for entry in output_dir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(output_dir / RUN_FILE, identity)
+    return created
+
+
+def write_json_atomically(path: Path, value) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: dict, keep: int) -> Path:
+    """accelerator.save_state, atomically: a kill during the save leaves the previous checkpoints as they were.
+
+    Then pruning keeps this checkpoint and the `keep - 1` before it (all if keep is 0). Checkpoints of later steps
+    are from before a resume from an earlier checkpoint of this run: they are deleted, so `latest` stays this one.
+    """
+    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        (partial / "training_state.json").write_text(json.dumps(training_state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        earlier = [folder for folder in checkpoint_folders(output_dir) if checkpoint_step(folder) < step]
+        later = [folder for folder in checkpoint_folders(output_dir) if checkpoint_step(folder) > step]
+        for old in later + (earlier[: max(0, len(earlier) - (keep - 1))] if keep > 0 else []):
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,242 @@
+"""examples/finetune.py under misuse: a run owns its folder, errors are one line through `accelerate launch`, bad input
+is found before anything is written, and Ctrl-C says how to resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import PIL.Image
+import pytest
+from test_finetune import QUICK, RUN, SCRIPT, environment, finetune, free_port, run_script
+
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# What the README's commands pass: every launcher default given, so accelerate prints no warning of its own.
+SINGLE = [ACCELERATE, "launch", "-q", "--num_processes", "1", "--num_machines", "1", "--cpu"]
+SINGLE += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def two_processes() -> list[str]:
+    return [ACCELERATE, "launch", "-q", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
+
+
+def quick(output: Path, *extra: str) -> list[str]:
+    return [*QUICK, "--output_dir", str(output), *extra]
+
+
+# ---- a run owns its output folder
+
+
+@pytest.fixture
+def earlier_run(in_process, tmp_path):
+    """A finished run of 6 steps with checkpoints at steps 4 and 5 (the last 2 of every step)."""
+    output = tmp_path / "earlier"
+    in_process(quick(output, "--max_train_steps", "6", "--checkpointing_steps", "1"))
+    assert [f.name for f in finetune.checkpoint_folders(output)] == ["step_000004", "step_000005"]
+    return output
+
+
+def test_a_folder_with_another_runs_checkpoints_is_refused_and_latest_does_not_resume_it(
+    earlier_run, in_process, tmp_path
+):
+    reused = tmp_path / "reused"
+    shutil.copytree(earlier_run / "checkpoints", reused / "checkpoints")  # the issue's `cp -r runA/checkpoints runH/`
+    args = quick(reused, "--max_train_steps", "3", "--checkpointing_steps", "1")
+    with pytest.raises(finetune.RunFolderError, match=r"holds the checkpoints of another run \(up to step 5\)"):
+        in_process(args)
+    # Resuming them under other arguments names what differs; before, it resumed at step 5 of a 3-step run.
+    with pytest.raises(finetune.RunFolderError, match=r"--max_train_steps 6 -> 3"):
+        in_process([*args, "--resume_from_checkpoint", "latest"])
+    assert sorted(p.name for p in reused.iterdir()) == ["checkpoints"]  # untouched
+    assert [f.name for f in finetune.checkpoint_folders(reused)] == ["step_000004", "step_000005"]
+
+
+def test_checkpoints_without_a_run_record_are_not_resumed(earlier_run, in_process, tmp_path):
+    legacy = tmp_path / "legacy"
+    shutil.copytree(earlier_run / "checkpoints", legacy / "checkpoints")
+    state_file = legacy / "checkpoints" / "step_000005" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["run"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(finetune.RunFolderError, match="has no run record"):
+        in_process(quick(legacy, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+
+
+def test_a_folder_holding_a_model_is_not_overwritten_without_being_told(earlier_run, in_process):
+    (earlier_run / "checkpoints").rename(earlier_run.parent / "moved")
+    before = (earlier_run / "model.safetensors").read_bytes()
+    with pytest.raises(finetune.RunFolderError, match="already holds a model: pass --resume_from_checkpoint latest"):
+        in_process(quick(earlier_run))
+    assert (earlier_run / "model.safetensors").read_bytes() == before
+
+
+def test_overwrite_output_dir_really_starts_clean(earlier_run, in_process):
+    (earlier_run / "notes.txt").write_text("another run's notes")
+    results = in_process(quick(earlier_run, "--max_train_steps", "2", "--overwrite_output_dir"))
+    assert results["train_steps"] == 2
+    assert not (earlier_run / "notes.txt").exists() and finetune.checkpoint_folders(earlier_run) == []
+    run = json.loads((earlier_run / "run.json").read_text())
+    assert run["arguments"]["max_train_steps"] == 2 and set(run["data"]) == {"train", "test"}
+
+
+def test_resuming_with_other_hyper_parameters_is_refused_by_name_or_recorded_when_allowed(earlier_run, in_process):
+    (earlier_run / "model.safetensors").unlink()
+    args = quick(earlier_run, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    with pytest.raises(finetune.RunFolderError, match=r"--total_batch_size 16 -> 8; --learning_rate 0.03 -> 0.5"):
+        in_process([*args, "--learning_rate", "0.5", "--total_batch_size", "8"])
+    # Not run-defining: how the batch is split, workers, logging, checkpoint cadence.
+    in_process([*args, "--per_device_train_batch_size", "8", "--checkpointing_steps", "3"])
+    results = in_process([*args, "--learning_rate", "0.5", "--allow_changed_arguments"])
+    assert results["train_steps"] == 6
+    card = (earlier_run / "README.md").read_text()
+    assert "resumed with changed run-defining arguments" in card and "at step 5: --learning_rate 0.03 -> 0.5" in card
+    assert "| learning_rate | 0.5 |" in card
+
+
+class FakeAccelerator:
+    """What save_checkpoint uses of an Accelerator: one process, save_state writes a file."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "model.safetensors").write_text("weights")
+
+
+def test_pruning_never_deletes_the_checkpoint_it_just_wrote(tmp_path):
+    # Checkpoints of later steps (a rewound run; before, another run's) used to outrank the new one: keep-last-2
+    # of [20, 80, 100] deleted step 20 as soon as it was written.
+    for step in (80, 100):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    final = finetune.save_checkpoint(FakeAccelerator(), tmp_path, 20, {"completed_steps": 20}, keep=2)
+    assert final.is_dir() and finetune.checkpoint_folders(tmp_path) == [final]
+    for step in (30, 40):
+        finetune.save_checkpoint(FakeAccelerator(), tmp_path, step, {"completed_steps": step}, keep=2)
+    assert [f.name for f in finetune.checkpoint_folders(tmp_path)] == ["step_000030", "step_000040"]
+
+
+# ---- everything is checked before anything is written
+
+
+def write_images(root: Path, broken: tuple[str, ...] = ()) -> Path:
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for index in range(6):
+            PIL.Image.new("RGB", (9, 7), (index * 40, 0, 0)).save(root / label / f"{index}.png")
+    for name in broken:
+        (root / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config_overrides", "hiden_size=64"], r"'hiden_size' is not a field .* \(did you mean 'hidden_size'\?\)"),
+        (["--config_name", "ViT-B_61"], r"not a .* known variant \(did you mean 'ViT-B_16'.*known: ViT-Ti_16"),
+        (["--model_name_or_path", "imagenet21k/ViT-B_61"], r"known official checkpoint name \(did you mean"),
+        (["--model_name_or_path", "ViT-X_16"], r"known official checkpoint name"),
+        (["--model_name_or_path", "missing/model.npz"], r"missing/model.npz: no such file"),
+        (["--per_device_train_batch_size", "12"], r"must equal per_device_train_batch_size \(12\)"),
+        (["--dataset_name", "{tmp}/nowhere"], r"cannot load dataset"),
+        (["--train_dir", "{images}", "--image_column_name", "picture"], r"no image column named 'picture'"),
+        (["--train_dir", "{broken}", "--validation_split_percentage", "20"], r"2 of 14 images cannot be decoded"),
+        (["--total_batch_size", "4096", "--per_device_train_batch_size", "4096"], r"fewer than one batch"),
+        (["--model_name_or_path", "{npz}", "--image_size", "12"], r"cannot build the model"),
+        (["--crop_scale", "0.5", "0.2"], r"--crop_scale MIN MAX needs"),
+        (["--learning_rate", "fast"], r"invalid float value"),
+        (["--output_dir", "{file}/out"], r"is a file, not a folder"),
+        (["--output_dir", "/sys/hf_vit_test/out"], r"is not writable"),  # read-only even for root
+    ],
+)
+def test_bad_input_is_one_error_and_leaves_no_folder(in_process, tmp_path, extra, message):
+    from conversion.testing import write_random_npz
+
+    places = {"tmp": tmp_path, "file": tmp_path / "a_file", "images": tmp_path / "images", "npz": tmp_path / "v.npz"}
+    places["broken"] = tmp_path / "broken"
+    (tmp_path / "a_file").write_text("not a folder")
+    write_images(places["images"])
+    write_images(places["broken"], broken=("dog/broken.png", "cat/truncated.png"))
+    write_random_npz(places["npz"], num_classes=7)  # patch 8: 12 px is not a multiple
+    output = tmp_path / "out"
+    args = quick(output, *(word.format(**places) for word in extra))
+    with pytest.raises((finetune.UsageError, finetune.RunFolderError), match=message) as error:
+        in_process(args)
+    assert "\n" not in str(error.value)
+    assert not output.exists()
+    if "broken" in extra[1]:  # every unreadable image at once, by name
+        assert "dog/broken.png" in str(error.value) and "cat/truncated.png" in str(error.value)
+
+
+def test_unknown_names_fail_before_any_hub_lookup(monkeypatch, tmp_path):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("went to the Hub")
+
+    monkeypatch.setattr(finetune.transformers.AutoConfig, "from_pretrained", no_hub)
+    args = finetune.parse_args(["--model_name_or_path", "ViT-L_61", "--output_dir", str(tmp_path)])
+    with pytest.raises(finetune.UsageError, match=r"did you mean 'ViT-L_16'"):
+        finetune.check_model_names(args)
+    for name in ("google/vit-base-patch16-224", "ViT-B_16", "imagenet21k+imagenet2012/ViT-L_16"):  # Hub id, official
+        finetune.check_model_names(finetune.parse_args(["--model_name_or_path", name, "--output_dir", str(tmp_path)]))
+
+
+# ---- through the launcher: exit status and one line
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "finetune.py: error:" in line]
+
+
+@pytest.mark.parametrize("launch", ["python", "accelerate", "accelerate, 2 processes"])
+def test_an_error_is_one_line_through_each_launch_form(launch, tmp_path):
+    launcher = {"python": None, "accelerate": SINGLE, "accelerate, 2 processes": two_processes()}[launch]
+    args = quick(tmp_path / "out", "--config_overrides", "hiden_size=64")
+    result = run_script(args, tmp_path / "home", launcher=launcher)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = "finetune.py: error: --config_overrides: 'hiden_size' is not a field of the model's config"
+    assert error_lines(result.stderr)[0].startswith(line)
+    if launch == "python":
+        assert result.returncode == 2 and result.stderr.strip() == error_lines(result.stderr)[0]
+    elif launch == "accelerate":  # accelerate's simple launcher turns any failure into 1
+        assert result.returncode == 1 and result.stderr.strip() == error_lines(result.stderr)[0]
+    else:  # printed once, by the main process; torchrun's summary then names it as the root cause
+        assert result.returncode == 1 and result.stderr.count(line) == 3, result.stderr
+        assert len([text for text in error_lines(result.stderr) if text.startswith("finetune.py")]) == 1
+        root_cause = result.stderr[result.stderr.index("Root Cause") :]
+        assert f"traceback : {line}" in root_cause
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_under_accelerate_launch_ends_with_one_line_saying_how_to_resume(processes, tmp_path):
+    output = tmp_path / "out"
+    launcher = SINGLE if processes == 1 else two_processes()
+    process = subprocess.Popen(
+        [*launcher, str(SCRIPT), *RUN, "--output_dir", str(output)],
+        env=environment(tmp_path / "home"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    deadline = time.time() + 240
+    while not (output / "checkpoints" / "step_000050").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: every process of the group
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune.py: interrupted at step ") and " of 400; the last checkpoint is " in last
+    assert last.endswith("Continue with the same command and --resume_from_checkpoint latest.")
+    checkpoint = Path(last.split("the last checkpoint is ")[1].split(". Continue")[0])
+    assert checkpoint.is_dir() and checkpoint == finetune.checkpoint_folders(output)[-1]
