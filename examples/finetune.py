@@ -47,7 +47,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -197,6 +197,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A transformers scheduler.",
     )
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: accelerate's config.")
+    training.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the model with torch.compile (inductor, fullgraph) for training and evaluation: slower start, "
+        "faster steps on a GPU.",
+    )
     training.add_argument("--seed", type=int, default=42)
 
     run = parser.add_argument_group("evaluation, checkpoints, tracking, Hub")
@@ -207,6 +213,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Delete what OUTPUT_DIR holds (another run's model, checkpoints) and start a new run there.",
     )
     run.add_argument("--eval_steps", type=int, default=100, help="Evaluate every N steps (and at the end).")
+    run.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Read the loss back from the device every N steps (and at evaluations and checkpoints), for the progress "
+        "bar, the NaN check, the curves and --with_tracking; in between the device runs ahead of the host.",
+    )
     run.add_argument("--checkpointing_steps", type=int, default=500, help="accelerator.save_state every N steps.")
     run.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints (0: all).")
     run.add_argument(
@@ -233,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--crop_scale MIN MAX needs 0 < MIN <= MAX <= 1, got {low} {high}.")
     if not 0 <= args.validation_split_percentage < 100:
         parser.error(f"--validation_split_percentage must be in [0, 100), got {args.validation_split_percentage}.")
-    for name in ("max_train_steps", "eval_steps", "checkpointing_steps", "total_batch_size"):
+    for name in ("max_train_steps", "eval_steps", "logging_steps", "checkpointing_steps", "total_batch_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
     return args
@@ -391,33 +404,61 @@ def decode_images(examples: dict) -> dict:
     return {"image": list(images), "label": examples["label"], "error": list(errors)}
 
 
-def check_images(splits: dict[str, datasets.Dataset], enabled: bool | None, show_progress: bool) -> None:
-    """Decode every image once, before training, and report all the unreadable ones in one UsageError.
+def decode_splits(splits: dict[str, datasets.Dataset], enabled: bool | None, show_progress: bool):
+    """Decode every image once, before training: all the unreadable ones are reported in one UsageError.
 
     enabled None: only when the decoded images fit in DECODE_CHECK_LIMIT bytes (estimated from the first), as
     CIFAR-size datasets do; for larger ones an unreadable image is reported when its batch comes up.
+    Returns the train split's images as one uint8 tensor (N, 3, H, W) when the pass ran and they share one size
+    (CIFAR, digits): training then indexes it instead of decoding every image again in every epoch. Else None.
     """
     total = sum(len(split) for split in splits.values())
     if enabled is None:
         first, _ = decode_image(next(iter(splits.values()))[0]["image"])
         enabled = first is None or total * np.asarray(first).nbytes <= DECODE_CHECK_LIMIT
     if not enabled:
-        return
-    unreadable, names = [], []
-    with tqdm(total=total, desc="checking images", unit="img", disable=not show_progress) as progress:
-        for split in splits.values():
+        return None
+    unreadable, names, train_pixels = [], [], []
+    with tqdm(total=total, desc="decoding images", unit="img", disable=not show_progress) as progress:
+        for split_name, split in splits.items():
             for start in range(0, len(split), 512):
                 for image in split[start : start + 512]["image"]:
-                    _, error = decode_image(image)
+                    decoded, error = decode_image(image)
                     if error:
                         unreadable.append(error)
                         names.append(image.get("path") or "an image stored in the dataset")
+                    elif split_name == "train" and train_pixels is not None:
+                        pixels = np.asarray(decoded)
+                        same_size = not train_pixels or pixels.shape == train_pixels[0].shape
+                        train_pixels = train_pixels + [pixels] if same_size else None
                 progress.update(min(512, len(split) - start))
     if unreadable:
         raise UsageError(
             f"{len(unreadable)} of {total} images cannot be decoded: {', '.join(names)} (first: {unreadable[0]}). "
             "Fix or remove them, then run again."
         )
+    return torch.from_numpy(np.stack(train_pixels)).permute(0, 3, 1, 2).contiguous() if train_pixels else None
+
+
+class InMemoryImages(torch.utils.data.Dataset):
+    """Decoded training images in one uint8 tensor (N, 3, H, W), ideally on the device: a batch is one indexing
+    operation, as the DataLoader fetches batches through `__getitems__` when a dataset has it."""
+
+    def __init__(self, pixels: torch.Tensor, labels: list[int]):
+        self.pixels = pixels
+        self.labels = torch.tensor(labels, device=pixels.device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        index = torch.tensor(indices, device=self.pixels.device)
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
+
+
+def as_batch(batch: dict) -> dict:
+    """The collate function of InMemoryImages, whose __getitems__ already returns a batch."""
+    return batch
 
 
 class Collate:
@@ -661,6 +702,25 @@ def resize_position_embeddings(model, image_size: int):
     return resized
 
 
+def log_losses(unlogged: list, accelerator: Accelerator, history: dict, output_dir: Path) -> dict:
+    """Read the losses of the steps in `unlogged` (one host sync, one all-reduce), append them to `history`, and
+    return the last step's logs; a NonFiniteLossError at the first non-finite one. No checkpoint is written between
+    two reads, so the last checkpoint is always from before it."""
+    losses = accelerator.reduce(torch.stack([loss for _, _, loss in unlogged]), "mean").tolist()
+    for (step, lr, _), loss in zip(unlogged, losses, strict=True):
+        if not math.isfinite(loss):
+            found = checkpoint_folders(output_dir)
+            raise NonFiniteLossError(
+                f"the training loss became {loss} at step {step} (lr {lr:.3g}); stopped. "
+                f"Last good checkpoint: {found[-1] if found else 'none'}. Lower --learning_rate or check the data."
+            )
+        history["step"].append(step)
+        history["loss"].append(loss)
+        history["lr"].append(lr)
+    unlogged.clear()
+    return {"train_loss": history["loss"][-1], "lr": history["lr"][-1]}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation and reports
 
@@ -884,9 +944,28 @@ def hardware_description(accelerator: Accelerator) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def train_dataloader_for(train, train_pixels, image_size, resample, batch_size: int, loader_kwargs, device):
+    """Batches of uint8 images: indexed from the decoded tensor (up to 1 GiB of it on the device) when there is one,
+    else decoded by worker processes. Either way one batch feeds one forward pass of every process (accelerate splits
+    it) and the order is the same function of (seed, epoch)."""
+    options = dict(batch_size=batch_size, shuffle=True, drop_last=True)
+    if train_pixels is not None:
+        if train_pixels.nbytes <= 1 << 30:
+            train_pixels = train_pixels.to(device)
+        images = InMemoryImages(train_pixels, train["label"])
+        return torch.utils.data.DataLoader(images, collate_fn=as_batch, pin_memory=False, **options)
+    collate = Collate(image_size, resample, keep_native_size=True)
+    return torch.utils.data.DataLoader(
+        train.with_transform(decode_images), collate_fn=collate, **options, **loader_kwargs
+    )
+
+
 def set_up_training(args, accelerator: Accelerator, overrides: dict, labels, train, eval_splits, per_device: int):
-    """(model, provenance, optimizer, scheduler, (train, monitor, report) loaders, image size), all prepared."""
+    """(model, provenance, optimizer, scheduler, (train, monitor, report) loaders, image size), all prepared.
+
+    `train` is (split, its decoded pixels or None)."""
     num_processes = accelerator.num_processes
+    train, train_pixels = train
     model, provenance = load_model(args, overrides, labels, accelerator)
     image_size = tuple(np.broadcast_to(model.config.image_size, 2).tolist())
     resample = hf_vit.image_processor_for(model.config).resample
@@ -896,13 +975,8 @@ def set_up_training(args, accelerator: Accelerator, overrides: dict, labels, tra
     loader_kwargs = dict(
         num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available()
     )
-    train_dataloader = torch.utils.data.DataLoader(
-        train.with_transform(decode_images),
-        batch_size=per_device * num_processes,  # one forward pass of every process; accelerate splits it
-        shuffle=True,
-        drop_last=True,
-        collate_fn=Collate(image_size, resample, keep_native_size=True),
-        **loader_kwargs,
+    train_dataloader = train_dataloader_for(
+        train, train_pixels, image_size, resample, per_device * num_processes, loader_kwargs, accelerator.device
     )
     if len(train_dataloader) == 0:
         raise UsageError(
@@ -922,7 +996,11 @@ def set_up_training(args, accelerator: Accelerator, overrides: dict, labels, tra
     monitor_dataloader = eval_dataloader(selection if selection is not None else report)
     report_dataloader = eval_dataloader(report)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
+        model.parameters(),
+        lr=args.learning_rate,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        fused=True if accelerator.device.type == "cuda" else None,  # one kernel for all parameters on a GPU
     )
     lr_scheduler = get_scheduler(
         args.lr_scheduler_type,
@@ -954,7 +1032,14 @@ def main(argv: list[str] | None = None) -> dict:
         cpu=not has_accelerator,
         # Each batch the loader yields is split across the processes, so its size (and the global batch) doesn't
         # depend on the process count, and the scheduler steps once per optimizer step.
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed),
+        dataloader_config=DataLoaderConfiguration(
+            split_batches=True,
+            use_seedable_sampler=True,
+            data_seed=args.seed,
+            non_blocking=torch.cuda.is_available(),  # batches come from pinned memory: copies don't stall the host
+        ),
+        # torch.compile through accelerate's own plugin: prepare() compiles the model, unwrap_model undoes it.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", fullgraph=True) if args.torch_compile else None,
         # Accumulation runs across epoch ends: every optimizer step sees exactly total_batch_size images.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
         log_with=args.report_to if args.with_tracking else None,
@@ -988,8 +1073,8 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = load_image_dataset(args)
         train, (selection, selection_name), (report, report_name), labels = prepare_splits(dataset, args)
     splits = {"train": train, report_name: report, **({selection_name: selection} if selection is not None else {})}
-    if accelerator.is_main_process:  # the others wait for it below; if it fails, the launcher stops them
-        check_images(splits, args.decode_check, show_progress=accelerator.is_local_main_process)
+    # Every process decodes (each needs the images in memory); an error is the same everywhere, printed once.
+    train_pixels = decode_splits(splits, args.decode_check, show_progress=accelerator.is_local_main_process)
 
     # ---- the run's folder: only the run that owns it resumes in it
     fingerprints = {name.split()[0]: split._fingerprint for name, split in splits.items()}
@@ -1004,7 +1089,9 @@ def main(argv: list[str] | None = None) -> dict:
         created = prepare_output_dir(output_dir, folder_plan, identity)
     accelerator.wait_for_everyone()
     try:
-        setup = set_up_training(args, accelerator, overrides, labels, train, (selection, report), per_device)
+        setup = set_up_training(
+            args, accelerator, overrides, labels, (train, train_pixels), (selection, report), per_device
+        )
     except BaseException:  # nothing trained yet: leave no folder behind that this run created
         if created:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -1060,6 +1147,7 @@ def main(argv: list[str] | None = None) -> dict:
     micro_batch = per_device * num_processes
     model.train()
     session_start, session_steps = time.time(), 0
+    unlogged = []  # (step, lr, loss on the device) of the steps since the losses were last read
     try:
         with progress_bar as progress:
             while completed_steps < args.max_train_steps:
@@ -1077,6 +1165,8 @@ def main(argv: list[str] | None = None) -> dict:
                         # run then draws what an uninterrupted one draws, though its loaders restarted.
                         set_seed(args.seed + completed_steps, device_specific=True)
                         uniforms = step_uniforms(args.seed, completed_steps, args.total_batch_size)
+                        if uniforms.device != accelerator.device and torch.cuda.is_available():
+                            uniforms = uniforms.pin_memory().to(accelerator.device, non_blocking=True)  # no sync
                     start = micro_step * micro_batch + accelerator.process_index * per_device  # this process's images
                     with accelerator.accumulate(model):
                         pixel_values = random_resized_crop(
@@ -1098,28 +1188,25 @@ def main(argv: list[str] | None = None) -> dict:
                     if not accelerator.sync_gradients:
                         continue
 
-                    lr = lr_scheduler.get_last_lr()[0]
-                    loss_value = accelerator.reduce(step_loss, "mean").item()
-                    if not math.isfinite(loss_value):
-                        found = checkpoint_folders(output_dir)
-                        raise NonFiniteLossError(
-                            f"the training loss became {loss_value} at step {completed_steps + 1} (lr {lr:.3g}); stopped. "
-                            f"Last good checkpoint: {found[-1] if found else 'none'}. Lower --learning_rate or check the data."
-                        )
                     completed_steps += 1
                     session_steps += 1
+                    unlogged.append((completed_steps, lr_scheduler.get_last_lr()[0], step_loss))
                     micro_step, step_loss = 0, torch.zeros((), device=accelerator.device)
-                    history["step"].append(completed_steps)
-                    history["loss"].append(loss_value)
-                    history["lr"].append(lr)
-                    images_per_second = session_steps * args.total_batch_size / (time.time() - session_start)
                     progress.update(1)
-                    progress.set_postfix(
-                        loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}", refresh=False
+                    evaluating = completed_steps % args.eval_steps == 0 or completed_steps == args.max_train_steps
+                    checkpointing = (
+                        completed_steps % args.checkpointing_steps == 0 and completed_steps < args.max_train_steps
                     )
-                    logs = {"train_loss": loss_value, "lr": lr, "images_per_second": images_per_second}
+                    if not (evaluating or checkpointing or completed_steps % args.logging_steps == 0):
+                        continue  # the device runs ahead: the losses are read once per logging interval
 
-                    if completed_steps % args.eval_steps == 0 or completed_steps == args.max_train_steps:
+                    logs = log_losses(unlogged, accelerator, history, output_dir)  # the one host sync
+                    images_per_second = session_steps * args.total_batch_size / (time.time() - session_start)
+                    progress.set_postfix(
+                        loss=f"{logs['train_loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}"
+                    )
+                    logs["images_per_second"] = images_per_second
+                    if evaluating:
                         accuracy, _, _ = evaluate_split(model, monitor_dataloader, accelerator, metric)
                         history["eval_step"].append(completed_steps)
                         history["eval_accuracy"].append(accuracy)
@@ -1127,7 +1214,7 @@ def main(argv: list[str] | None = None) -> dict:
                         logger.info(f"step {completed_steps}: {monitor_name} accuracy {accuracy:.4f}")
                     if args.with_tracking:
                         accelerator.log(logs, step=completed_steps)
-                    if completed_steps % args.checkpointing_steps == 0 and completed_steps < args.max_train_steps:
+                    if checkpointing:
                         elapsed = elapsed_before + time.time() - started
                         training_state = {
                             "completed_steps": completed_steps,

@@ -448,6 +448,41 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_folder_without_check
     assert "accuracy" in upload_kwargs["commit_message"]
 
 
+@pytest.mark.parametrize("name", ["multi_gpu", "multi_node", "fsdp", "deepspeed"])
+def test_each_shipped_accelerate_config_launches_on_two_cpu_processes(name, tmp_path):
+    if name == "deepspeed":
+        pytest.skip(
+            "DeepSpeed is not installed here (it builds CUDA ops and ZeRO needs NCCL): the file is parsed by "
+            "test_accelerate_configs_load and launched by benchmarks/h200_check.sh on a GPU"
+        )
+    config = str(ROOT / "examples" / "accelerate_configs" / f"{name}.yaml")
+    port = str(free_port())
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "-q", "--config_file", config]
+    launch += ["--num_processes", "2", "--main_process_port", port]
+    output = tmp_path / "out"
+    args = [*QUICK, "--checkpointing_steps", "2", "--output_dir", str(output)]
+    if name == "multi_node":  # two "machines" of one process each, on this host
+        machines = [
+            subprocess.Popen(
+                [*launch, "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", str(SCRIPT), *args],
+                env=environment(tmp_path / "home"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for rank in (0, 1)
+        ]
+        logs = [machine.communicate(timeout=300)[0] for machine in machines]
+        assert [machine.returncode for machine in machines] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    else:
+        result = run_script(args, tmp_path / "home", launcher=launch)
+        assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["train_steps"] == 3
+    assert (output / "checkpoints" / "step_000002" / "training_state.json").is_file()
+    assert weights(output)["head.weight"].shape == (10, 32)
+
+
 @pytest.mark.parametrize("name", ["multi_gpu", "multi_node", "fsdp", "deepspeed_zero2"])
 def test_accelerate_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file
@@ -491,3 +526,45 @@ def test_augmentation_numbers_depend_on_seed_and_step_only():
     assert torch.equal(first, finetune.step_uniforms(0, 7, 64))
     assert not torch.equal(first, finetune.step_uniforms(0, 8, 64))
     assert not torch.equal(first, finetune.step_uniforms(1, 7, 64))
+
+
+# ---- speed switches: same results
+
+
+def test_in_memory_images_train_exactly_as_the_decoding_workers(in_process, tmp_path):
+    # digits fit in memory: decoded once into a uint8 tensor; --no-decode_check takes the worker path instead
+    args = [*QUICK, "--max_train_steps", "4"]
+    in_process([*args, "--output_dir", str(tmp_path / "memory")])
+    in_process([*args, "--no-decode_check", "--output_dir", str(tmp_path / "workers")])
+    memory, workers = weights(tmp_path / "memory"), weights(tmp_path / "workers")
+    for key in memory:
+        assert torch.equal(memory[key], workers[key]), key
+
+
+def test_losses_are_read_from_the_device_once_per_logging_interval(in_process, tmp_path, monkeypatch):
+    reads, log_losses = [], finetune.log_losses
+
+    def counted(unlogged, *args):
+        reads.append([step for step, _, _ in unlogged])
+        return log_losses(unlogged, *args)
+
+    monkeypatch.setattr(finetune, "log_losses", counted)
+    args = [*QUICK, "--max_train_steps", "25", "--logging_steps", "10", "--eval_steps", "20", "--checkpointing_steps",
+            "100", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    results = in_process(args)
+    assert reads == [list(range(1, 11)), list(range(11, 21)), list(range(21, 26))]
+    assert results["train_steps"] == 25 and np.isfinite(results["train_loss"])
+
+
+def test_torch_compile_gives_the_same_losses(in_process, tmp_path):
+    args = [*QUICK, "--max_train_steps", "3", "--checkpointing_steps", "2", "--logging_steps", "1"]
+    eager = in_process([*args, "--output_dir", str(tmp_path / "eager")])
+    compiled = in_process([*args, "--torch_compile", "--output_dir", str(tmp_path / "compiled")])
+    history = [
+        json.loads((tmp_path / name / "checkpoints" / "step_000002" / "training_state.json").read_text())["history"]
+        for name in ("eager", "compiled")
+    ]
+    np.testing.assert_allclose(history[0]["loss"], history[1]["loss"], rtol=0, atol=1e-5)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-5)
+    for key, tensor in weights(tmp_path / "eager").items():  # saved without torch.compile's _orig_mod prefix
+        torch.testing.assert_close(weights(tmp_path / "compiled")[key], tensor, rtol=1e-4, atol=1e-5)
