@@ -4,6 +4,8 @@
         --dataset_name uoft-cs/cifar10 --horizontal_flip --output_dir vit-b16-cifar10
 
 (`ViT-B_16` is Google's ImageNet-21k checkpoint, downloaded and converted on the fly; a local .npz works too.)
+(`-q`: an error ends with the script's one line and exit status 1, without accelerate's traceback; run directly with
+`python`, bad input exits with status 2.)
 
 Defaults are the paper's fine-tuning recipe (and the seed repo's): SGD with momentum 0.9, lr 0.03, no weight decay,
 cosine decay after 500 linear warm-up steps, 10,000 steps of 512 images, gradient-norm clip 1.0, 224 px,
@@ -19,7 +21,8 @@ hidden_size=128,num_hidden_layers=2,num_attention_heads=4,intermediate_size=256"
 
 The output folder holds the model (safetensors, config, code, preprocessor), a model card (README.md),
 all_results.json, training_curves.png and confusion_matrix.png; checkpoints/ holds `accelerator.save_state` folders
-that `--resume_from_checkpoint latest` continues from, mid-epoch and bit for bit.
+that `--resume_from_checkpoint latest` continues from, mid-epoch and bit for bit. A run owns its folder: `run.json`
+records what defines it, and examples/run_folder.py refuses another run's folder or a resume that changes the run.
 """
 
 import argparse
@@ -1147,6 +1150,8 @@ def main(argv: list[str] | None = None) -> dict:
     micro_batch = per_device * num_processes
     model.train()
     session_start, session_steps = time.time(), 0
+    first_read = None  # (time, steps) at the session's first loss read: the steady rate excludes the warm-up before it
+    steady_images_per_second = None
     unlogged = []  # (step, lr, loss on the device) of the steps since the losses were last read
     try:
         with progress_bar as progress:
@@ -1202,6 +1207,11 @@ def main(argv: list[str] | None = None) -> dict:
 
                     logs = log_losses(unlogged, accelerator, history, output_dir)  # the one host sync
                     images_per_second = session_steps * args.total_batch_size / (time.time() - session_start)
+                    if first_read is None:
+                        first_read = (time.time(), session_steps)
+                    elif session_steps > first_read[1]:  # the host just synced: the device did all these steps
+                        steps_since, seconds_since = session_steps - first_read[1], time.time() - first_read[0]
+                        steady_images_per_second = steps_since * args.total_batch_size / seconds_since
                     progress.set_postfix(
                         loss=f"{logs['train_loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}"
                     )
@@ -1259,6 +1269,8 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": completed_steps * args.total_batch_size / len(train),
         "train_runtime": train_runtime,
         "train_samples_per_second": completed_steps * args.total_batch_size / max(train_runtime, 1e-9),
+        # after the first --logging_steps of the last session (start-up, compilation), evaluations included
+        "steady_train_samples_per_second": steady_images_per_second,
         "total_batch_size": args.total_batch_size,
         "num_processes": num_processes,
     }

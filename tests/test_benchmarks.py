@@ -75,7 +75,7 @@ def test_h200_check_refuses_an_unknown_part_before_doing_anything(tmp_path):
     script = os.path.join(ROOT, "benchmarks", "h200_check.sh")
     done = subprocess.run(["bash", script, "inference", "nonsense"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: unknown part 'nonsense': choose from inference, train, finetune"
+    assert done.stderr.strip() == "error: unknown part 'nonsense': choose from inference, train, finetune, configs"
     assert not os.path.exists(os.path.join(ROOT, "gpu-results")) and list(tmp_path.iterdir()) == []
 
 
@@ -141,3 +141,14 @@ def test_onednn_path_leaves_hooked_and_autocast_layers_to_their_forward(pixel_va
             logits = model(pixel_values).logits
     assert len(seen) == 2
     assert logits.dtype == torch.bfloat16
+
+
+def test_bench_finetune_runs_the_real_script_and_prints_its_table(tmp_path):
+    results = tmp_path / "finetune.json"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_finetune.py"), "--tiny", "--compile", "off"]
+    done = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| torch_compile | img/s | steps/s | % of peak | loader img/s | loader / step |" in done.stdout
+    (row,) = json.loads(results.read_text())["rows"]
+    assert row["torch_compile"] is False and row["images_per_second"] > 0 and row["loader_images_per_second"] > 0
+    assert row["vit_jax 500 steps (min)"] == pytest.approx(500 * 512 / row["images_per_second"] / 60)
