@@ -216,7 +216,7 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, capsys, monkey
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(conversion.converter, "_write_support_files", full_disk)
+    monkeypatch.setattr(conversion.converter, "save_folder", full_disk)
     assert_refused(tmp_path, capsys, [npz, tmp_path / "deep" / "er" / "out"], "No space left on device")
 
 
