@@ -474,6 +474,10 @@ def save_folder(model, folder: Path, target: Target, options: Options) -> list[s
         model.save_pretrained(folder, max_shard_size=options.max_shard_size, save_original_format=False)
     if options.export == "transformers-vit":
         image_processor_for(model.config).save_pretrained(folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():  # safetensors come out 0600 (a temporary file renamed): readable as any other file
+        file.chmod(0o666 & ~umask)
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("model"))
 
 
