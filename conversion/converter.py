@@ -478,7 +478,7 @@ def save_folder(model, folder: Path, target: Target, options: Options) -> list[s
     os.umask(umask)
     for file in folder.iterdir():  # safetensors come out 0600 (a temporary file renamed): readable as any other file
         file.chmod(0o666 & ~umask)
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("model"))
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("model") and ".safetensors" in p.name)
 
 
 @contextlib.contextmanager

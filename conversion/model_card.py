@@ -115,9 +115,11 @@ def render_model_card(info: CardInfo) -> str:
             "",
             "The head of this checkpoint is all zeros: Google zeroed the ImageNet-21k heads of these files before "
             "releasing them, so it would output 0 for every class. The model is saved without it, for "
-            "`image-feature-extraction`: `model(pixel_values).logits` are the features the head would have read "
+            "`image-feature-extraction`: with `AutoModelForImageClassification`, `logits` are the features the head "
+            "would have read "
             + ("(after pre_logits, Linear + tanh)" if info.pre_logits == "kept" else "(the pooled token)")
-            + "; convert again with `--num-labels N` for a new zero-initialised classifier to fine-tune.",
+            + "; `AutoModel` and `pipeline(\"image-feature-extraction\")` give every token after the encoder's "
+            "final LayerNorm. Convert again with `--num-labels N` for a new zero-initialised classifier to fine-tune.",
             "",
         ]
     lines += [

@@ -4,10 +4,12 @@ The keys and PyTorch layouts are already hf_vit's, so the table only checks shap
 number of heads is not in the shapes and comes from --variant. The seed uses exact (erf) GELU.
 """
 
+import re
+
 from ..checkpoint import Architecture, count_layers, position_grid, require
 from ..errors import ConversionError
 from ..keys import Rule
-from . import Family, RenamedParams
+from . import Family, RenamedParams, vit_jax
 
 
 POSEMB = "transformer.embeddings.position_embeddings"
@@ -69,62 +71,32 @@ def detect(checkpoint, source_size=None, target_size=None) -> Architecture:
     )
 
 
-_NAMES = {
-    "embedding/kernel": PATCH,
-    "embedding/bias": "transformer.embeddings.patch_embeddings.bias",
-    "cls": "transformer.embeddings.cls_token",
-    "Transformer/posembed_input/pos_embedding": POSEMB,
-    "Transformer/encoder_norm/scale": "transformer.encoder.encoder_norm.weight",
-    "Transformer/encoder_norm/bias": "transformer.encoder.encoder_norm.bias",
-    "pre_logits/kernel": "pre_logits.weight",
-    "pre_logits/bias": "pre_logits.bias",
-    "head/kernel": "head.weight",
-    "head/bias": "head.bias",
+# The reference reads vit_jax names in Flax layouts: the vit_jax table gives each one's hf_vit (= seed) key and the
+# transform to undo, with the number of heads the shapes do not hold.
+_TO_FLAX = {
+    "conv_hwio_to_oihw": lambda array, heads: array.transpose(2, 3, 1, 0),  # (D, C, P, P) -> (P, P, C, D)
+    "dense": lambda array, heads: array.T,  # nn.Linear (out, in) -> Dense (in, out)
+    "heads_in": lambda array, heads: array.T.reshape(array.shape[1], heads, -1),  # (H*d, D) -> (D, H, d)
+    "heads_out": lambda array, heads: array.T.reshape(heads, -1, array.shape[0]),  # (D, H*d) -> (H, d, D)
+    "heads_bias": lambda array, heads: array.reshape(heads, -1),
 }
-_BLOCK_NAMES = {
-    "LayerNorm_0/scale": "attention_norm.weight",
-    "LayerNorm_0/bias": "attention_norm.bias",
-    "LayerNorm_2/scale": "ffn_norm.weight",
-    "LayerNorm_2/bias": "ffn_norm.bias",
-    "MlpBlock_3/Dense_0/kernel": "ffn.fc1.weight",
-    "MlpBlock_3/Dense_0/bias": "ffn.fc1.bias",
-    "MlpBlock_3/Dense_1/kernel": "ffn.fc2.weight",
-    "MlpBlock_3/Dense_1/bias": "ffn.fc2.bias",
-    **{
-        f"MultiHeadDotProductAttention_1/{n}/{p}": f"attn.{n}.{q}"
-        for n in ("query", "key", "value", "out")
-        for p, q in (("kernel", "weight"), ("bias", "bias"))
-    },
-}
+_VIT_JAX_RULES = [(re.compile(re.escape(rule.source).replace(r"\{i\}", r"(\d+)")), rule) for rule in vit_jax.TABLE]
 
 
-def _seed_key(name: str) -> str:
-    if name in _NAMES:
-        return _NAMES[name]
-    if not name.startswith("Transformer/encoderblock_"):
-        return name  # not a seed key: `in` says False
-    block, rest = name.removeprefix("Transformer/encoderblock_").split("/", 1)
-    return f"transformer.encoder.layer.{block}.{_BLOCK_NAMES.get(rest, rest)}"
+def _vit_jax_rule(name: str) -> tuple[str, str]:
+    """(seed key, transform) of a vit_jax parameter name."""
+    for pattern, rule in _VIT_JAX_RULES:
+        if match := pattern.fullmatch(name):
+            return rule.target.format(i=match[1] if pattern.groups else None), rule.transform
+    return name, "identity"  # no such parameter: `in` says False
 
 
 def reference_params(checkpoint, arch: Architecture) -> RenamedParams:
-    """The seed's tensors under vit_jax names and Flax layouts (Dense kernels (in, out), attention (D, H, d))."""
-    heads = arch.num_heads
-
     def to_flax(name, array):
-        if name == "embedding/kernel":  # (D, C, P, P) -> (P, P, C, D)
-            return array.transpose(2, 3, 1, 0)
-        if name.endswith(("query/kernel", "key/kernel", "value/kernel")):  # (H*d, D) -> (D, H, d)
-            return array.T.reshape(array.shape[1], heads, -1)
-        if name.endswith(("query/bias", "key/bias", "value/bias")):
-            return array.reshape(heads, -1)
-        if name.endswith("out/kernel"):  # (D, H*d) -> (H, d, D)
-            return array.T.reshape(heads, -1, array.shape[0])
-        if name.endswith("kernel"):  # nn.Linear (out, in) -> Dense (in, out)
-            return array.T
-        return array
+        undo = _TO_FLAX.get(_vit_jax_rule(name)[1])
+        return array if undo is None else undo(array, arch.num_heads)
 
-    return RenamedParams(checkpoint, _seed_key, to_flax)
+    return RenamedParams(checkpoint, lambda name: _vit_jax_rule(name)[0], to_flax)
 
 
 FAMILY = Family(
