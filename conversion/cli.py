@@ -16,8 +16,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="hf-vit-convert",
-        description="Convert Google's original ViT checkpoints (.npz) or a seed *_checkpoint.bin into a Hub-ready "
-        "hf_vit folder, verified against a NumPy implementation of the original Flax model.",
+        description="Convert Google's original ViT checkpoints (vit_jax or big_vision .npz) or a seed *_checkpoint.bin into a "
+        "Hub-ready hf_vit folder, verified against a NumPy implementation of the original Flax model.",
     )
     parser.add_argument(
         "source",

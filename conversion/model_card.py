@@ -118,7 +118,7 @@ def render_model_card(info: CardInfo) -> str:
             "`image-feature-extraction`: with `AutoModelForImageClassification`, `logits` are the features the head "
             "would have read "
             + ("(after pre_logits, Linear + tanh)" if info.pre_logits == "kept" else "(the pooled token)")
-            + "; `AutoModel` and `pipeline(\"image-feature-extraction\")` give every token after the encoder's "
+            + '; `AutoModel` and `pipeline("image-feature-extraction")` give every token after the encoder\'s '
             "final LayerNorm. Convert again with `--num-labels N` for a new zero-initialised classifier to fine-tune.",
             "",
         ]
