@@ -270,6 +270,11 @@ def decide_target(family: Family, checkpoint, arch: Architecture, options: Optio
         )
     new_head = options.num_labels
     if new_head is None and head_is_zero(family, checkpoint):
+        if options.labels is not None:
+            raise ConversionError(
+                f"{checkpoint.path} has an all-zero head (Google zeroed it before release), which has no classes to "
+                "name: pass --num-labels N with --labels for a new head, or drop --labels for a feature extractor."
+            )
         new_head = 0
         say(
             "the head is all zeros (Google zeroed it before release): writing a feature extractor; pass --num-labels N"

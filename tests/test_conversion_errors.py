@@ -52,6 +52,10 @@ def shorter_depth(arrays):
     arrays[key] = arrays[key][:1]
 
 
+def zero_head(arrays):
+    arrays["head/kernel"], arrays["head/bias"] = 0 * arrays["head/kernel"], 0 * arrays["head/bias"]
+
+
 def truncated(tmp_path):
     path = write_random_npz(tmp_path / "truncated.npz")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -151,6 +155,7 @@ BAD_SOURCES = [
         id="non-square-grid-without-its-size",
     ),
     pytest.param(lambda tmp_path: "ViT-Z_99", [], "Unknown checkpoint 'ViT-Z_99'", id="unknown-official-name"),
+    pytest.param(altered(zero_head), ["--labels", "imagenet-1k"], "has an all-zero head", id="labels-for-zeroed-head"),
     pytest.param(
         big_vision(lambda a: a.pop("params/pos_embedding")), [], "(sincos2d) position embeddings", id="bv-sincos"
     ),
@@ -187,6 +192,7 @@ BAD_SOURCES = [
     pytest.param(lambda tmp_path: tmp_path / "nothere.npz", [], "does not exist", id="missing-file"),
     pytest.param(lambda tmp_path: "imagenet21k/R50+ViT-B_16", [], "hybrid ResNet+ViT", id="hybrid-official-name"),
 ]
+
 
 BAD_OPTIONS = [
     pytest.param(["--variant", "ViT-B_16"], "--variant ViT-B_16 means hidden 768", id="variant-mismatch"),
