@@ -1,10 +1,19 @@
-"""Google's original ViT checkpoints (vit_jax `.npz`, seed `*_checkpoint.bin`) -> Hub-ready hf_vit folders.
+"""Google's original ViT checkpoints (vit_jax and big_vision `.npz`, seed `*_checkpoint.bin`) -> Hub-ready hf_vit folders.
 
 `convert(source, output_dir, **options)` is the API; `hf-vit-convert` / `python -m conversion` the CLI over it.
 """
 
-from .converter import EXPORTS, VERIFY_TOLERANCE, convert, imagenet1k_labels
+from .converter import EXPORTS, VERIFY_TOLERANCE, Options, convert
 from .errors import ConversionError
+from .labels import imagenet1k_labels, imagenet21k_labels
 
 
-__all__ = ["EXPORTS", "VERIFY_TOLERANCE", "ConversionError", "convert", "imagenet1k_labels"]
+__all__ = [
+    "EXPORTS",
+    "VERIFY_TOLERANCE",
+    "ConversionError",
+    "Options",
+    "convert",
+    "imagenet1k_labels",
+    "imagenet21k_labels",
+]

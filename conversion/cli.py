@@ -16,8 +16,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="hf-vit-convert",
-        description="Convert Google's original ViT checkpoints (.npz) or a seed *_checkpoint.bin into a Hub-ready "
-        "hf_vit folder, verified against a NumPy implementation of the original Flax model.",
+        description="Convert Google's original ViT checkpoints (vit_jax or big_vision .npz) or a seed *_checkpoint.bin into a "
+        "Hub-ready hf_vit folder, verified against a NumPy implementation of the original Flax model.",
     )
     parser.add_argument(
         "source",
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-heads", type=int, help="heads of a seed .bin whose sizes match no --variant")
     parser.add_argument("--num-labels", type=int, help="new zero-initialised classifier with N classes")
-    parser.add_argument("--labels", help="class names: a file with one per line, or 'imagenet-1k'")
+    parser.add_argument("--labels", help="class names: a file with one per line, 'imagenet-1k' or 'imagenet-21k'")
     parser.add_argument(
         "--keep-pre-logits", action="store_true", help="keep pre_logits when --num-labels replaces the head"
     )
@@ -69,30 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     def one(values):
         return None if values is None else (values[0] if len(values) == 1 else values)
 
+    options = {k: v for k, v in vars(args).items() if k not in ("source", "output_dir", "quiet")}
+    options.update(image_size=one(args.image_size), source_image_size=one(args.source_image_size))
     try:
-        convert(
-            args.source,
-            args.output_dir,
-            variant=args.variant,
-            num_heads=args.num_heads,
-            image_size=one(args.image_size),
-            source_image_size=one(args.source_image_size),
-            num_labels=args.num_labels,
-            labels=args.labels,
-            keep_pre_logits=args.keep_pre_logits,
-            dtype=args.dtype,
-            export=args.export,
-            verify=args.verify,
-            verify_images=args.verify_images,
-            overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size,
-            cache_dir=args.cache_dir,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            revision=args.revision,
-            progress=not args.quiet,
-            log=None if args.quiet else print,
-        )
+        convert(args.source, args.output_dir, **options, progress=not args.quiet, log=None if args.quiet else print)
     except ConversionError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message held
         return 2

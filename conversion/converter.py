@@ -1,353 +1,96 @@
 """`convert()`: an original ViT checkpoint -> a Hub-ready hf_vit (or stock transformers ViT) folder, verified.
 
-Order of work, so that bad input fails before anything is written and a failure leaves nothing behind:
-resolve the source -> read headers -> detect the architecture -> plan every tensor (keys and shapes checked against
-the model) -> build in a temporary folder beside OUTPUT_DIR (stream tensors, config, code, preprocessor) -> verify
-against the NumPy reference of the Flax model -> model card -> rename into place -> push.
+The pipeline, one function per step: resolve the source -> open the checkpoint -> find its family and detect the
+architecture -> decide the target (size, head, labels, config) -> plan every tensor with the family's key table ->
+build the state dict -> load it strictly into the model -> save (`save_pretrained`) into a temporary folder beside
+OUTPUT_DIR -> verify against the NumPy reference -> model card -> rename into place -> push. Bad input fails before
+anything is written, and a failure leaves nothing behind.
 """
 
+import contextlib
 import dataclasses
-import importlib.resources
 import math
 import os
+import secrets
 import shutil
-import tempfile
-import threading
+import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (
-    NPZ_PATCH_KERNEL,
-    SEED_PATCH_WEIGHT,
-    Architecture,
-    NpzCheckpoint,
-    detect_npz_architecture,
-    detect_seed_architecture,
-    open_checkpoint,
-)
+from .checkpoint import Architecture, open_checkpoint
 from .errors import ConversionError
-from .keys import (
-    NPZ_KEY_TABLE,
-    SEED_KEY_TABLE,
-    Plan,
-    ScratchRing,
-    plan_conversion,
-    produce,
-    rename_for_transformers_vit,
-)
+from .families import Family, find_family
+from .keys import Plan, plan_conversion, produce, rename_for_transformers_vit
+from .labels import resolve_labels
 from .model_card import CardInfo, render_model_card
-from .reference import SeedAsFlax, flax_vit_forward, verification_images
-from .safetensors_writer import DTYPES, PRODUCED_AHEAD, write_safetensors
-from .sources import Source, resolve_source
+from .reference import flax_vit_forward, verification_images
+from .sources import Source, file_sha256, resolve_source
 
 
 EXPORTS = ("hf_vit", "transformers-vit")
+DTYPES = ("float32", "bfloat16", "float16")
 VERIFY_TOLERANCE = 1e-4  # max |logits - reference| allowed; a correct fp32 conversion is around 1e-6
-IMAGENET_1K = "imagenet-1k"
 
 
-def imagenet1k_labels() -> list[str]:
-    """The 1000 ImageNet-1k class names in the standard (sorted WordNet id) order of the released heads."""
-    text = importlib.resources.files("conversion").joinpath("imagenet1k_labels.txt").read_text(encoding="utf-8")
-    return [line.split(" ", 1)[1] for line in text.splitlines() if line.strip()]
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What `convert()` and `hf-vit-convert` accept (see `convert` for each)."""
+
+    variant: str | None = None
+    image_size: int | Sequence[int] | None = None
+    source_image_size: int | Sequence[int] | None = None
+    num_heads: int | None = None
+    num_labels: int | None = None
+    labels: Sequence[str] | str | os.PathLike | None = None
+    keep_pre_logits: bool = False
+    dtype: str = "float32"
+    export: str = "hf_vit"
+    verify: bool = True
+    verify_images: int = 2
+    overwrite: bool = False
+    max_shard_size: int | str = "5GB"
+    cache_dir: str | os.PathLike | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+    progress: bool = True
+    log: Callable[[str], None] | None = print
 
 
-def _parse_size(value, name: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    values = [value] if isinstance(value, int | str) else list(value)
-    try:
-        values = [int(v) for v in values]
-    except (TypeError, ValueError):
-        raise ConversionError(f"{name} must be N or (H, W) in pixels, got {value!r}.") from None
-    if len(values) not in (1, 2) or min(values) <= 0:
-        raise ConversionError(f"{name} must be N or (H, W) positive pixels, got {value!r}.")
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the converted folder will be."""
+
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    new_head: int | None  # None: the checkpoint's head; 0: none (feature extractor); N: a new zero N-way head
+    keep_pre_logits: bool
+    num_labels: int
+    config: object
+    model_class: type
+    rename: Callable[[str], str]
+
+    @property
+    def feature_extractor(self) -> bool:
+        return self.new_head == 0
 
 
-def _parse_shard_size(value: int | str) -> int:
-    if isinstance(value, int) or str(value).strip().isdigit():
-        return int(value)
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    text = value.strip().upper()
-    for unit, factor in units.items():
-        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(text[: -len(unit)]) * factor)
-    raise ConversionError(f"max_shard_size must be bytes or like '5GB', got {value!r}.")
-
-
-def _resolve_labels(labels, num_classes: int, original_head: bool) -> list[str] | None:
-    """
-    The class names of a `num_classes`-way head: as given (a list, a file or 'imagenet-1k'), else ImageNet-1k's for
-    a checkpoint's own 1000-class head (the released fine-tunes), else None (transformers' LABEL_i).
-    """
-    if labels is None:
-        return imagenet1k_labels() if original_head and num_classes == 1000 else None
-    if isinstance(labels, str) and labels.lower() in (IMAGENET_1K, "imagenet1k", "imagenet2012"):
-        names = imagenet1k_labels()
-    elif isinstance(labels, str | os.PathLike):
-        path = Path(labels)
-        if not path.is_file():
-            raise ConversionError(
-                f"labels file {path} does not exist: pass one class name per line, or 'imagenet-1k'."
-            )
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        names = [str(name) for name in labels]
-    if len(names) != num_classes:
-        raise ConversionError(f"{len(names)} labels given for a {num_classes}-class head: give exactly {num_classes}.")
-    return names
-
-
-def _check_variant(variant: str | None, arch: Architecture, path) -> int | None:
-    """Cross-check the detected sizes against a named variant; returns the variant's number of heads."""
-    if variant is None:
-        return None
-    from hf_vit.configuration_hf_vit import VARIANTS, canonical_variant_name
-
-    try:
-        name = canonical_variant_name(variant)
-    except ValueError as error:
-        raise ConversionError(str(error)) from None
-    hidden, layers, heads, mlp, patch, _ = VARIANTS[name]
-    expected = (hidden, layers, mlp, (patch, patch)) + ((heads,) if arch.num_heads else ())
-    found = (arch.hidden_size, arch.num_layers, arch.mlp_dim, arch.patch_size) + (
-        (arch.num_heads,) if arch.num_heads else ()
-    )
-    if expected != found:
-        raise ConversionError(
-            f"--variant {variant} means hidden {hidden}, {layers} layers, {heads} heads, MLP {mlp}, patch {patch}, but "
-            f"{path} is {arch.describe()}: drop --variant or pass the matching one."
-        )
-    return heads
-
-
-def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
-    """Check OUTPUT_DIR can be (re)placed; returns the existing folder it will be created in. Touches nothing."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"OUTPUT_DIR {output_dir} exists and is not a directory: choose another path.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"OUTPUT_DIR {output_dir} is not empty: pass --overwrite to replace it.")
-    parent = output_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConversionError(f"Cannot create OUTPUT_DIR {output_dir}: {parent} is a file, not a directory.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConversionError(f"Cannot write OUTPUT_DIR {output_dir}: {parent} is not writable.")
-    return parent
-
-
-def _build_config(arch: Architecture, *, export, image_size, num_labels, id2label, hidden_act, keeps_pre_logits):
-    def pair_or_int(pair):
-        return pair[0] if pair[0] == pair[1] else tuple(pair)
-
-    labels = (
-        {"id2label": dict(enumerate(id2label)), "label2id": {n: i for i, n in enumerate(id2label)}}
-        if id2label
-        else {"num_labels": num_labels}
-    )
-    common = dict(
-        image_size=pair_or_int(image_size),
-        patch_size=pair_or_int(arch.patch_size),
-        num_channels=arch.num_channels,
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        intermediate_size=arch.mlp_dim,
-        hidden_act=hidden_act,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        layer_norm_eps=1e-6,  # flax.linen.LayerNorm; transformers' ViTConfig defaults to BERT's 1e-12
-        qkv_bias=True,
-        **labels,
-    )
-    if export == "transformers-vit":
-        from transformers import ViTConfig, ViTForImageClassification
-
-        return ViTConfig(**common), ViTForImageClassification
-    from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
-
-    representation_size = arch.representation_size if keeps_pre_logits else None
-    config = VisionTransformerConfig(**common, classifier=arch.classifier, representation_size=representation_size)
-    return config, VisionTransformerForImageClassification
-
-
-def _meta_model(model_class, config):
-    """A weightless (meta-device) instance of the target model: its keys and shapes, and its code for the folder."""
-    import torch
-
-    with torch.device("meta"):
-        return model_class(config)
-
-
-class _SideWork:
-    """
-    Threads beside the tensor stream: the source's scan (the zip's CRC-32s, and its sha256 for the model card unless
-    the download recorded it), started as soon as the source is open, and the small files of the output folder.
-    """
-
-    def __init__(self, checkpoint, sha256: bool):
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="conversion")
-        self._stop = threading.Event()
-        self.scan = self._pool.submit(checkpoint.scan, sha256=sha256, stop=self._stop)
-
-    def submit(self, function, *args):
-        return self._pool.submit(function, *args)
-
-    def stop(self) -> None:
-        """Cut the scan short (a finished conversion has its result already) and wait until every thread is done."""
-        self._stop.set()
-        self._pool.shutdown(wait=True)
-
-
-def _check_plan_against_model(plan: Plan, model_keys: dict[str, tuple[int, ...]], rename: Callable[[str], str]):
-    planned = {rename(e.target): e.shape for e in plan.entries}
-    missing = sorted(set(model_keys) - set(planned))
-    extra = sorted(set(planned) - set(model_keys))
-    wrong = [
-        f"{k}: {planned[k]} vs {model_keys[k]}" for k in planned if k in model_keys and planned[k] != model_keys[k]
-    ]
-    if missing or extra or wrong:
-        raise ConversionError(
-            f"Key table and model disagree (missing {missing[:3]}, unexpected {extra[:3]}, shapes {wrong[:3]}): "
-            "this is a bug in conversion/keys.py, please report it."
-        )
-
-
-def _write_support_files(directory: Path, config, meta_model, export: str, dtype: str) -> None:
-    """config.json (+ auto_map and the remote-code files for hf_vit) and preprocessor_config.json."""
-    from hf_vit import image_processor_for
-
-    config.architectures = [type(meta_model).__name__]
-    config.dtype = dtype
-    config.save_pretrained(directory)
-    if export == "hf_vit":
-        from transformers.dynamic_module_utils import custom_object_save
-
-        # modeling_hf_vit.py (configuration_hf_vit.py is there)
-        custom_object_save(meta_model, directory, config=config)
-    image_processor_for(config).save_pretrained(directory)
-
-
-def verify_folder(
-    folder: Path,
-    model_class,
-    checkpoint,
-    arch: Architecture,
-    *,
-    image_size: tuple[int, int],
-    gelu: str,
-    use_pre_logits: bool,
-    new_head_classes: int | None,
-    dtype: str,
-    num_images: int = 2,
-    tolerance: float = VERIFY_TOLERANCE,
-) -> dict:
-    """
-    Load `folder` strictly and compare its head input and logits with the NumPy reference of the Flax model.
-
-    The model runs in float32; for bfloat16/float16 folders the reference rounds its parameters the same way, so the
-    same tolerance applies. Returns the max abs differences and `passed` (all within `tolerance`); raises
-    ConversionError only if the folder does not load strictly.
-    """
-    import torch
-    from transformers.utils import logging as transformers_logging
-
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per conversion is noise
-    try:
-        model, info = model_class.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise ConversionError(f"The converted folder does not load strictly: {problems}.")
-    model.eval()
-    head = model.classifier if hasattr(model, "classifier") else model.head
-    captured = {}
-    hook = head.register_forward_pre_hook(lambda module, inputs: captured.__setitem__("features", inputs[0]))
-    images = verification_images(num_images, *image_size, channels=arch.num_channels)
-    with torch.inference_mode():
-        logits = model(pixel_values=torch.from_numpy(images)).logits.double().numpy()
-    hook.remove()
-    features = captured["features"].double().numpy()
-    del model
-
-    params = checkpoint if isinstance(checkpoint, NpzCheckpoint) else SeedAsFlax(checkpoint, arch.num_heads)
-    reference_features, reference_logits = flax_vit_forward(
-        params,
-        arch,
-        images,
-        gelu=gelu,
-        use_pre_logits=use_pre_logits,
-        new_head_classes=new_head_classes,
-        dtype=dtype,
-    )
-    result = {
-        "max_abs_diff_logits": float(np.abs(logits - reference_logits).max()),
-        "max_abs_diff_features": float(np.abs(features - reference_features).max()),
-        "num_images": num_images,
-        "image_size": tuple(image_size),
-        "tolerance": tolerance,
-    }
-    result["max_abs_diff"] = max(result["max_abs_diff_logits"], result["max_abs_diff_features"])
-    result["passed"] = bool(result["max_abs_diff"] <= tolerance)
-    return result
-
-
-def _verification_line(result: dict, dtype: str, gelu: str) -> str:
-    height, width = result["image_size"]
-    weights = "" if dtype == "float32" else f" with the weights rounded to {dtype} on both sides"
-    what = "tanh-GELU Flax model" if gelu == "tanh" else "seed model (exact GELU)"
-    return (
-        f"Max abs difference to an independent NumPy implementation of the original {what}, computed straight "
-        f"from the checkpoint, on {result['num_images']} random {height}x{width} inputs in float32{weights}: "
-        f"logits {result['max_abs_diff_logits']:.2e}, head input {result['max_abs_diff_features']:.2e} "
-        f"(tolerance {result['tolerance']:.0e})."
-    )
-
-
-def convert(
-    source: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    variant: str | None = None,
-    image_size: int | Sequence[int] | None = None,
-    num_labels: int | None = None,
-    labels: Sequence[str] | str | os.PathLike | None = None,
-    keep_pre_logits: bool = False,
-    dtype: str = "float32",
-    export: str = "hf_vit",
-    verify: bool = True,
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    source_image_size: int | Sequence[int] | None = None,
-    num_heads: int | None = None,
-    verify_images: int = 2,
-    max_shard_size: int | str = "5GB",
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
-) -> Path:
+def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options) -> Path:
     """
     Convert an original ViT checkpoint into a folder that `from_pretrained` loads, with the original's logits.
 
     Args:
-        source: a vit_jax `.npz`, a seed repo `*_checkpoint.bin` (needs `variant`), or an official name
+        source: a vit_jax or big_vision `.npz`, a seed repo `*_checkpoint.bin` (needs `variant`), or an official name
             (`"ViT-B_16"`, `"imagenet21k+imagenet2012/ViT-B_16-224"`, an augreg file name) to download.
         output_dir: the folder to create; it must not exist or be empty, unless `overwrite`.
         variant: e.g. `"ViT-B_16"`; cross-checks the detected architecture (required for a `.bin`: it has no heads).
         image_size: N or (H, W): resample the position embeddings as vit_jax does (cls row kept, linear zoom).
-        num_labels: replace the head by a new zero-initialised `num_labels`-way one and drop pre_logits.
-        labels: class names (a list, a file with one per line, or `"imagenet-1k"`) stored as `id2label`.
+        num_labels: replace the head by a new zero-initialised `num_labels`-way one and drop pre_logits. Without it, a
+            checkpoint whose head is all zeros (Google's ImageNet-21k releases) becomes a feature extractor.
+        labels: class names (a list, a file with one per line, `"imagenet-1k"` or `"imagenet-21k"`) for `id2label`.
         keep_pre_logits: keep the pre_logits layer when `num_labels` replaces the head.
         dtype: `"float32"`, `"bfloat16"` or `"float16"` for the saved weights.
         export: `"hf_vit"`, or `"transformers-vit"` for stock `transformers.ViTForImageClassification`.
@@ -358,6 +101,7 @@ def convert(
         num_heads: the number of attention heads of a seed `.bin` whose sizes match no named variant.
         verify_images: how many random inputs verification uses.
         max_shard_size: shard `model.safetensors` above this size (bytes or "5GB").
+        cache_dir: where official checkpoints are downloaded; `progress`: show the download's progress bar.
         log: where progress lines go (`None` for silence).
 
     Returns the output folder. Raises `ConversionError` (a `ValueError`) with a one-line message on bad input.
@@ -375,289 +119,391 @@ def convert(
     ['README.md', 'config.json', 'configuration_hf_vit.py']
     ```
     """
-    say = log or (lambda line: None)
+    options = Options(**options)
+    say = options.log or (lambda line: None)
     started = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    if export not in EXPORTS:
-        raise ConversionError(f"export must be one of {', '.join(EXPORTS)}, got {export!r}.")
-    if num_labels is not None and (isinstance(num_labels, bool) or int(num_labels) <= 0):
-        raise ConversionError(f"num_labels must be a positive integer, got {num_labels!r}.")
-    if push_to_hub and not verify:
-        raise ConversionError("--push-to-hub uploads only verified conversions: drop --no-verify.")
-    if verify_images < 1:
-        raise ConversionError(f"verify_images must be at least 1, got {verify_images}.")
-    target_size = _parse_size(image_size, "image_size")
-    shard_bytes = _parse_shard_size(max_shard_size)
+    check_options(options)
     output_dir = Path(output_dir).expanduser().absolute()
-    parent = _prepare_output(output_dir, overwrite)
-
-    resolved: Source = resolve_source(source, cache=Path(cache_dir) if cache_dir else None, progress=progress)
+    check_output_dir(output_dir, options.overwrite)
+    cache = Path(options.cache_dir) if options.cache_dir else None
+    resolved: Source = resolve_source(source, cache=cache, progress=options.progress)
     checkpoint = open_checkpoint(resolved.path)
-    side = _SideWork(checkpoint, sha256=resolved.sha256 is None)
     try:
-        return _convert_checkpoint(
-            checkpoint,
-            side,
-            resolved,
-            output_dir,
-            parent,
-            variant=variant,
-            num_heads=num_heads,
-            target_size=target_size,
-            num_labels=None if num_labels is None else int(num_labels),
-            labels=labels,
-            keep_pre_logits=keep_pre_logits,
-            dtype=dtype,
-            export=export,
-            verify=verify,
-            overwrite=overwrite,
-            push_to_hub=push_to_hub,
-            private=private,
-            revision=revision,
-            source_grid_size=_parse_size(source_image_size, "source_image_size"),
-            verify_images=verify_images,
-            shard_bytes=shard_bytes,
-            say=say,
-            started=started,
-        )
+        family = find_family(checkpoint)
+        arch = detect_architecture(family, checkpoint, options)
+        say(f"{resolved.name}: {arch.describe()}")
+        target = decide_target(family, checkpoint, arch, options, say)
+        plan = plan_tensors(family, checkpoint, arch, target, say)
+        model = load_strictly(build_state_dict(checkpoint, plan, target, options.dtype), target)
+        num_parameters = sum(math.prod(e.shape) for e in plan.entries)
+        with building(output_dir) as temporary:
+            files = save_folder(model, temporary, target, options)
+            del model
+            say(
+                f"wrote {', '.join(files)}: {num_parameters:,} parameters in {options.dtype} ({time.perf_counter() - started:.1f} s)"
+            )
+            verification = None
+            if options.verify:
+                verification = verify(temporary, family, checkpoint, arch, target, options, say)
+            sha256 = resolved.sha256 or file_sha256(resolved.path)
+            card = card_info(resolved, family, arch, target, options, sha256, num_parameters, verification, output_dir)
+            (temporary / "README.md").write_text(render_model_card(card), encoding="utf-8")
+            move_into_place(temporary, output_dir, options.overwrite)
     finally:
-        side.stop()
         checkpoint.close()
+    say(f"saved {output_dir} ({time.perf_counter() - started:.1f} s)")
+    if options.push_to_hub:
+        from .hub import push_folder
+
+        url = push_folder(output_dir, options.push_to_hub, private=options.private, revision=options.revision)
+        say(f"pushed to {options.push_to_hub}: {url}")
+    return output_dir
 
 
-def _convert_checkpoint(
-    checkpoint,
-    side: _SideWork,
-    resolved: Source,
-    output_dir: Path,
-    parent: Path,
-    *,
-    variant,
-    num_heads,
-    target_size,
-    num_labels,
-    labels,
-    keep_pre_logits,
-    dtype,
-    export,
-    verify,
-    overwrite,
-    push_to_hub,
-    private,
-    revision,
-    source_grid_size,
-    verify_images,
-    shard_bytes,
-    say,
-    started,
-) -> Path:
-    # 1. The architecture, from the tensors.
-    is_seed = checkpoint.kind == "seed"
-    source_grid = candidate_grid = None  # pixel sizes -> patch grids, once the patch size is known
-    patch_key = SEED_PATCH_WEIGHT if is_seed else NPZ_PATCH_KERNEL
-    if patch_key in checkpoint.keys() and len(checkpoint.shape(patch_key)) == 4:
-        shape = checkpoint.shape(patch_key)
-        patch = shape[2:] if is_seed else shape[:2]
-        if source_grid_size is not None:
-            source_grid = (source_grid_size[0] // patch[0], source_grid_size[1] // patch[1])
-        if target_size is not None:
-            candidate_grid = (target_size[0] // patch[0], target_size[1] // patch[1])
-    if is_seed:
-        if variant is None and num_heads is None:
-            raise ConversionError(
-                f"{resolved.path} is a seed *_checkpoint.bin, which carries no config: pass --variant (e.g. ViT-B_16)."
-            )
-        arch = detect_seed_architecture(checkpoint, None, source_grid, candidate_grid)
-        heads = _check_variant(variant, arch, resolved.path) or num_heads
-        if num_heads is not None and heads != num_heads:
-            raise ConversionError(f"--num-heads {num_heads} contradicts --variant {variant}, which has {heads} heads.")
-        if arch.hidden_size % heads:
-            raise ConversionError(
-                f"hidden size {arch.hidden_size} is not divisible by {heads} heads: check --num-heads."
-            )
-        arch = dataclasses.replace(arch, num_heads=heads)
-    else:
-        arch = detect_npz_architecture(checkpoint, source_grid, candidate_grid)
-        _check_variant(variant, arch, resolved.path)
-        if num_heads is not None and num_heads != arch.num_heads:
-            raise ConversionError(
-                f"--num-heads {num_heads} contradicts the checkpoint, which has {arch.num_heads} heads."
-            )
-    say(f"{resolved.name}: {arch.describe()}")
+# --- checks before anything is read ---------------------------------------------------------------------------------
 
-    # 2. Output geometry, labels and the target config.
-    target_size = target_size or arch.image_size
-    if target_size[0] % arch.patch_size[0] or target_size[1] % arch.patch_size[1]:
+
+def parse_size(value, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    values = [value] if isinstance(value, int | str) else list(value)
+    try:
+        values = [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConversionError(f"{name} must be N or (H, W) in pixels, got {value!r}.") from None
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise ConversionError(f"{name} must be N or (H, W) positive pixels, got {value!r}.")
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def check_options(options: Options) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if options.dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}.")
+    if options.export not in EXPORTS:
+        raise ConversionError(f"export must be one of {', '.join(EXPORTS)}, got {options.export!r}.")
+    labels = options.num_labels
+    if labels is not None and (isinstance(labels, bool) or not isinstance(labels, int) or labels <= 0):
+        raise ConversionError(f"num_labels must be a positive integer, got {labels!r}.")
+    if options.push_to_hub and not options.verify:
+        raise ConversionError("--push-to-hub uploads only verified conversions: drop --no-verify.")
+    if options.verify_images < 1:
+        raise ConversionError(f"verify_images must be at least 1, got {options.verify_images}.")
+    parse_size(options.image_size, "image_size")
+    parse_size(options.source_image_size, "source_image_size")
+    try:
+        convert_file_size_to_int(options.max_shard_size)
+    except (ValueError, TypeError):
+        raise ConversionError(f"max_shard_size must be bytes or like '5GB', got {options.max_shard_size!r}.") from None
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """OUTPUT_DIR can be created (or replaced); touches nothing."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"OUTPUT_DIR {output_dir} exists and is not a directory: choose another path.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"OUTPUT_DIR {output_dir} is not empty: pass --overwrite to replace it.")
+    parent = output_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConversionError(f"Cannot create OUTPUT_DIR {output_dir}: {parent} is a file, not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"Cannot write OUTPUT_DIR {output_dir}: {parent} is not writable.")
+
+
+# --- architecture and target ------------------------------------------------------------------------------------------
+
+
+def detect_architecture(family: Family, checkpoint, options: Options) -> Architecture:
+    """The family's detector, cross-checked with --variant / --num-heads (which also supply a seed's heads)."""
+    arch = family.detect(
+        checkpoint, parse_size(options.source_image_size, "source_image_size"), parse_size(options.image_size, "")
+    )
+    heads = options.num_heads
+    if options.variant is not None:
+        from hf_vit.configuration_hf_vit import VARIANTS, canonical_variant_name
+
+        try:
+            name = canonical_variant_name(options.variant)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
+        hidden, layers, variant_heads, mlp, patch, _ = VARIANTS[name]
+        known = (arch.num_heads,) if arch.num_heads else ()  # a seed checkpoint's heads are not in its shapes
+        expected = (hidden, layers, mlp, (patch, patch)) + ((variant_heads,) if known else ())
+        if expected != (arch.hidden_size, arch.num_layers, arch.mlp_dim, arch.patch_size) + known:
+            raise ConversionError(
+                f"--variant {options.variant} means hidden {hidden}, {layers} layers, {variant_heads} heads, MLP {mlp}, "
+                f"patch {patch}, but {checkpoint.path} is {arch.describe()}: drop --variant or pass the matching one."
+            )
+        if heads is not None and heads != variant_heads:
+            raise ConversionError(
+                f"--num-heads {heads} contradicts --variant {options.variant}, which has {variant_heads} heads."
+            )
+        heads = variant_heads
+    if arch.num_heads is not None:
+        if heads is not None and heads != arch.num_heads:
+            raise ConversionError(f"--num-heads {heads} contradicts the checkpoint, which has {arch.num_heads} heads.")
+        return arch
+    if heads is None:
         raise ConversionError(
-            f"image_size {target_size[0]}x{target_size[1]} is not a multiple of the patch size "
-            f"{arch.patch_size[0]}x{arch.patch_size[1]}: choose e.g. "
-            f"{(target_size[0] // arch.patch_size[0] or 1) * arch.patch_size[0]}."
+            f"{checkpoint.path} is a {family.name}, which carries no config: pass --variant (e.g. ViT-B_16)."
         )
-    target_grid = (target_size[0] // arch.patch_size[0], target_size[1] // arch.patch_size[1])
-    classes = num_labels if num_labels is not None else arch.num_classes
-    id2label = _resolve_labels(labels, classes, original_head=num_labels is None)
-    keeps_pre_logits = bool(arch.representation_size) and (num_labels is None or keep_pre_logits)
-    if export == "transformers-vit":
+    if arch.hidden_size % heads:
+        raise ConversionError(f"hidden size {arch.hidden_size} is not divisible by {heads} heads: check --num-heads.")
+    return dataclasses.replace(arch, num_heads=heads)
+
+
+def head_is_zero(family: Family, checkpoint) -> bool:
+    """Google zeroed the heads of the 2020 ImageNet-21k files before release: such a head classifies nothing."""
+    return all(not checkpoint.load(rule.source).any() for rule in family.table if rule.role == "head")
+
+
+def decide_target(family: Family, checkpoint, arch: Architecture, options: Options, say) -> Target:
+    size = parse_size(options.image_size, "image_size") or arch.image_size
+    patch = arch.patch_size
+    if size[0] % patch[0] or size[1] % patch[1]:
+        raise ConversionError(
+            f"image_size {size[0]}x{size[1]} is not a multiple of the patch size {patch[0]}x{patch[1]}: choose e.g. "
+            f"{(size[0] // patch[0] or 1) * patch[0]}."
+        )
+    new_head = options.num_labels
+    if new_head is None and head_is_zero(family, checkpoint):
+        if options.labels is not None:
+            raise ConversionError(
+                f"{checkpoint.path} has an all-zero head (Google zeroed it before release), which has no classes to "
+                "name: pass --num-labels N with --labels for a new head, or drop --labels for a feature extractor."
+            )
+        new_head = 0
+        say(
+            "the head is all zeros (Google zeroed it before release): writing a feature extractor; pass --num-labels N"
+        )
+    keep_pre_logits = bool(arch.representation_size) and (options.num_labels is None or options.keep_pre_logits)
+    num_labels = arch.num_classes if new_head is None else new_head
+    id2label = resolve_labels(options.labels, num_labels, original_head=new_head is None) if num_labels else None
+    if options.export == "transformers-vit":
         if arch.classifier != "token":
             raise ConversionError(
                 "--export transformers-vit: stock ViTForImageClassification pools the class token, but this checkpoint "
                 "uses the 'gap' classifier: export hf_vit instead (the default)."
             )
-        if keeps_pre_logits:
+        if keep_pre_logits:
             raise ConversionError(
                 "--export transformers-vit: stock ViTForImageClassification has no pre_logits layer, which this "
                 "checkpoint has: pass --num-labels N to replace the head (pre_logits is then dropped), or export hf_vit."
             )
-    hidden_act = "gelu" if is_seed else "gelu_pytorch_tanh"
+    config, model_class = build_config(arch, family, options.export, size, num_labels, id2label, keep_pre_logits)
+    return Target(
+        image_size=size,
+        grid=(size[0] // patch[0], size[1] // patch[1]),
+        new_head=new_head,
+        keep_pre_logits=keep_pre_logits,
+        num_labels=num_labels,
+        config=config,
+        model_class=model_class,
+        rename=rename_for_transformers_vit if options.export == "transformers-vit" else (lambda key: key),
+    )
+
+
+def build_config(arch: Architecture, family: Family, export, image_size, num_labels, id2label, keep_pre_logits):
+    def pair_or_int(pair):
+        return pair[0] if pair[0] == pair[1] else tuple(pair)
+
+    labels = {"id2label": dict(enumerate(id2label))} if id2label else {"num_labels": num_labels}
+    common = dict(
+        image_size=pair_or_int(image_size),
+        patch_size=pair_or_int(arch.patch_size),
+        num_channels=arch.num_channels,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        intermediate_size=arch.mlp_dim,
+        hidden_act=family.hidden_act,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-6,  # flax.linen.LayerNorm; transformers' ViTConfig defaults to BERT's 1e-12
+        qkv_bias=True,
+        **labels,
+    )
     try:
-        config, model_class = _build_config(
-            arch,
-            export=export,
-            image_size=target_size,
-            num_labels=classes,
-            id2label=id2label,
-            hidden_act=hidden_act,
-            keeps_pre_logits=keeps_pre_logits,
-        )
+        if export == "transformers-vit":
+            from transformers import ViTConfig, ViTForImageClassification
+
+            return ViTConfig(**common), ViTForImageClassification
+        from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
+
+        representation_size = arch.representation_size if keep_pre_logits else None
+        config = VisionTransformerConfig(**common, classifier=arch.classifier, representation_size=representation_size)
     except ValueError as error:
         raise ConversionError(f"Cannot build a config for {arch.describe()}: {error}") from None
+    return config, VisionTransformerForImageClassification
 
-    # 3. Every tensor planned and checked against the model before anything is written.
-    table = SEED_KEY_TABLE if is_seed else NPZ_KEY_TABLE
+
+# --- tensors ------------------------------------------------------------------------------------------------------
+
+
+def meta_model(target: Target):
+    """A weightless (meta-device) instance of the target model."""
+    import torch
+
+    with torch.device("meta"):
+        return target.model_class(target.config)
+
+
+def plan_tensors(family: Family, checkpoint, arch: Architecture, target: Target, say) -> Plan:
+    """The family's key table against the checkpoint, then the planned keys and shapes against the model's."""
     plan = plan_conversion(
-        checkpoint, table, arch, target_grid=target_grid, num_labels=num_labels, keep_pre_logits=keep_pre_logits
+        checkpoint,
+        family.table,
+        arch,
+        target_grid=target.grid,
+        new_head=target.new_head,
+        keep_pre_logits=target.keep_pre_logits,
     )
-    rename = rename_for_transformers_vit if export == "transformers-vit" else (lambda key: key)
-    meta_model = _meta_model(model_class, config)
-    _check_plan_against_model(plan, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, rename)
+    planned = {target.rename(e.target): e.shape for e in plan.entries}
+    model_keys = {k: tuple(v.shape) for k, v in meta_model(target).state_dict().items()}
+    missing = sorted(set(model_keys) - set(planned))
+    extra = sorted(set(planned) - set(model_keys))
+    wrong = [f"{k}: {v} vs {model_keys[k]}" for k, v in planned.items() if k in model_keys and v != model_keys[k]]
+    if missing or extra or wrong:
+        raise ConversionError(
+            f"Key table and model disagree (missing {missing[:3]}, unexpected {extra[:3]}, shapes {wrong[:3]}): "
+            f"this is a bug in the {family.name} key table, please report it."
+        )
     if plan.dropped:
-        say(f"dropped (replaced by a new {classes}-class head): {', '.join(plan.dropped)}")
-    if target_grid != arch.grid:
+        say(f"dropped: {', '.join(plan.dropped)}")
+    if target.grid != arch.grid:
         say(
-            f"position embeddings resampled from a {arch.grid[0]}x{arch.grid[1]} to a {target_grid[0]}x{target_grid[1]} grid"
+            f"position embeddings resampled from a {arch.grid[0]}x{arch.grid[1]} to a {target.grid[0]}x{target.grid[1]} grid"
         )
-    # 4. Build in a temporary folder next to OUTPUT_DIR; only a complete, verified folder gets renamed into place.
-    created_parents = _missing_parents(output_dir)
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    except OSError as error:
-        _remove_created(created_parents)
-        raise ConversionError(f"Cannot create OUTPUT_DIR {output_dir}: {error.strerror or error}.") from None
-    try:
-        import torch
+    return plan
 
-        support_files = side.submit(_write_support_files, temporary, config, meta_model, export, dtype)
-        entries = {rename(e.target): e for e in plan.entries}
-        threads = torch.get_num_threads()
-        # The transposes are memory-bound: one thread is as fast, and leaves a core to the scan.
-        torch.set_num_threads(1)
+
+def build_state_dict(checkpoint, plan: Plan, target: Target, dtype: str) -> dict:
+    """Every planned tensor, in the saved dtype (torch rounds to nearest even), under the target model's names."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    return {
+        target.rename(e.target): torch.from_numpy(produce(checkpoint, e, plan.context)).to(torch_dtype)
+        for e in plan.entries
+    }
+
+
+def load_strictly(state_dict: dict, target: Target):
+    """The target model holding exactly `state_dict` (assigned, not copied)."""
+    model = meta_model(target)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+# --- the folder ---------------------------------------------------------------------------------------------------
+
+
+class building:
+    """
+    A temporary folder beside OUTPUT_DIR, created with the umask's permissions as `save_pretrained` would, and removed
+    (with any folders created above it) if the conversion fails. Its name holds this process's id, so that a later
+    conversion of the same OUTPUT_DIR can tell a folder left by a killed conversion from a running one's.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.created = []
+        parent = output_dir.parent
+        while not parent.exists():
+            self.created.insert(0, parent)
+            parent = parent.parent
+
+    def __enter__(self) -> Path:
         try:
-            scratch = ScratchRing(slots=PRODUCED_AHEAD + 2)  # more than write_safetensors keeps alive
-            files = write_safetensors(
-                temporary,
-                [(name, entry.shape) for name, entry in entries.items()],
-                lambda name: produce(checkpoint, entries[name], plan.context, scratch),
-                dtype=dtype,
-                max_shard_bytes=shard_bytes,
+            self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(self.output_dir)
+            self.path = self.output_dir.with_name(
+                f".{self.output_dir.name}.partial-{os.getpid()}-{secrets.token_hex(3)}"
             )
-        finally:
-            torch.set_num_threads(threads)
-        support_files.result()
-        sha256 = side.scan.result() or resolved.sha256  # raises if a CRC-32 did not match
-        num_parameters = sum(math.prod(e.shape) for e in plan.entries)
-        say(
-            f"wrote {', '.join(files)}: {num_parameters:,} parameters in {dtype} ({time.perf_counter() - started:.1f} s)"
-        )
+            self.path.mkdir()
+        except OSError as error:
+            self._remove_created()
+            raise ConversionError(f"Cannot create OUTPUT_DIR {self.output_dir}: {error.strerror or error}.") from None
+        return self.path
 
-        verification = None
-        if verify:
-            result = verify_folder(
-                temporary,
-                model_class,
-                checkpoint,
-                arch,
-                image_size=target_size,
-                gelu="exact" if is_seed else "tanh",
-                use_pre_logits=keeps_pre_logits,
-                new_head_classes=num_labels,
-                dtype=dtype,
-                num_images=verify_images,
-            )
-            verification = _verification_line(result, dtype, "exact" if is_seed else "tanh")
-            say(f"verification: max abs diff {result['max_abs_diff']:.2e} (tolerance {VERIFY_TOLERANCE:.0e})")
-            if not result["passed"]:
-                raise ConversionError(
-                    f"Verification failed: max abs difference {result['max_abs_diff']:.2e} to the NumPy reference of "
-                    f"the Flax model exceeds {VERIFY_TOLERANCE:.0e}; nothing was written."
-                )
-
-        datasets = _datasets(resolved, arch, num_labels)
-        card = CardInfo(
-            title=_title(resolved, arch, target_size, num_labels),
-            source_name=resolved.name,
-            source_url=resolved.url,
-            source_sha256=sha256,
-            export=export,
-            architecture=arch.describe() if num_labels is None else _describe_new(arch, classes, keeps_pre_logits),
-            image_size=target_size,
-            source_image_size=arch.image_size,
-            num_parameters=num_parameters,
-            num_labels=classes,
-            new_head=num_labels is not None,
-            pre_logits=("kept" if keeps_pre_logits else "dropped") if arch.representation_size else "none",
-            dtype=dtype,
-            hidden_act=hidden_act,
-            datasets=datasets,
-            augreg=resolved.augreg,
-            verification=verification,
-            seed_checkpoint=is_seed,
-            repo_id=push_to_hub or output_dir.name,
-        )
-        (temporary / "README.md").write_text(render_model_card(card), encoding="utf-8")
-        _move_into_place(temporary, output_dir, overwrite)
-    except BaseException as error:
-        side.stop()  # the support files go into the temporary folder: let them finish before it is removed
-        shutil.rmtree(temporary, ignore_errors=True)
-        _remove_created(created_parents)
+    def __exit__(self, kind, error, traceback):
+        if error is None:
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._remove_created()
         if isinstance(error, OSError):  # disk full, permissions...: the user's problem, told in one line
             raise ConversionError(
-                f"Writing {output_dir} failed: {error.strerror or error}; nothing was written."
+                f"Writing {self.output_dir} failed: {error.strerror or error}; nothing was written."
             ) from None
-        raise
-    say(f"saved {output_dir} ({time.perf_counter() - started:.1f} s)")
+        return False
 
-    if push_to_hub:
-        from .hub import push_folder
-
-        url = push_folder(output_dir, push_to_hub, private=private, revision=revision)
-        say(f"pushed to {push_to_hub}: {url}")
-    return output_dir
-
-
-def _missing_parents(output_dir: Path) -> list[Path]:
-    missing, parent = [], output_dir.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    return list(reversed(missing))  # outermost first
+    def _remove_created(self):
+        for directory in reversed(self.created):
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
 
-def _remove_created(directories: list[Path]) -> None:
-    for directory in reversed(directories):
-        try:
-            directory.rmdir()
-        except OSError:
-            break
+def remove_stale_partials(output_dir: Path) -> None:
+    """Remove the `.NAME.partial-*` folders of conversions of the same OUTPUT_DIR that were killed, saying so."""
+    for folder in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+        pid = folder.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _is_running(int(pid)):
+            continue  # another conversion of the same OUTPUT_DIR is under way
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"removed {folder}, left by an interrupted conversion", file=sys.stderr)
 
 
-def _move_into_place(temporary: Path, output_dir: Path, overwrite: bool) -> None:
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def save_folder(model, folder: Path, target: Target, options: Options) -> list[str]:
+    """Weights (sharded by `save_pretrained` above max_shard_size), config, remote code, preprocessor config."""
+    from hf_vit import image_processor_for
+
+    model.config.dtype = options.dtype
+    with quiet_progress_bars():  # "Writing model shards" for a single file is noise
+        # save_original_format=False: the key names of the transformers this runs on (5.x), as loaded, not the 4.x ones
+        # transformers would otherwise revert ViT's to.
+        model.save_pretrained(folder, max_shard_size=options.max_shard_size, save_original_format=False)
+    if options.export == "transformers-vit":
+        image_processor_for(model.config).save_pretrained(folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():  # safetensors come out 0600 (a temporary file renamed): readable as any other file
+        file.chmod(0o666 & ~umask)
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("model") and ".safetensors" in p.name)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def move_into_place(temporary: Path, output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists():
         if any(output_dir.iterdir()) and not overwrite:  # appeared while converting
             raise ConversionError(f"OUTPUT_DIR {output_dir} is not empty: pass --overwrite to replace it.")
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        old.rmdir()
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}-{secrets.token_hex(3)}")
         output_dir.rename(old)
         try:
             temporary.rename(output_dir)
@@ -669,9 +515,113 @@ def _move_into_place(temporary: Path, output_dir: Path, overwrite: bool) -> None
         temporary.rename(output_dir)
 
 
-def _describe_new(arch: Architecture, classes: int, keeps_pre_logits: bool) -> str:
-    text = arch.describe().replace(f"{arch.num_classes} classes", f"{classes} classes (new head)")
-    if arch.representation_size and not keeps_pre_logits:
+# --- verification -------------------------------------------------------------------------------------------------
+
+
+def verify(folder: Path, family: Family, checkpoint, arch: Architecture, target: Target, options: Options, say) -> str:
+    """Verify `folder` (see `verify_folder`); returns the model card's line, or raises if it is off."""
+    result = verify_folder(folder, family, checkpoint, arch, target, options.dtype, options.verify_images)
+    say(f"verification: max abs diff {result['max_abs_diff']:.2e} (tolerance {VERIFY_TOLERANCE:.0e})")
+    if not result["passed"]:
+        raise ConversionError(
+            f"Verification failed: max abs difference {result['max_abs_diff']:.2e} to the NumPy reference of "
+            f"the Flax model exceeds {VERIFY_TOLERANCE:.0e}; nothing was written."
+        )
+    height, width = target.image_size
+    weights = "" if options.dtype == "float32" else f" with the weights rounded to {options.dtype} on both sides"
+    what = "seed model (exact GELU)" if family.hidden_act == "gelu" else "tanh-GELU Flax model"
+    return (
+        f"Max abs difference to an independent NumPy implementation of the original {what}, computed straight "
+        f"from the checkpoint, on {options.verify_images} random {height}x{width} inputs in float32{weights}: "
+        f"logits {result['max_abs_diff_logits']:.2e}, head input {result['max_abs_diff_features']:.2e} "
+        f"(tolerance {VERIFY_TOLERANCE:.0e})."
+    )
+
+
+def verify_folder(folder: Path, family: Family, checkpoint, arch, target: Target, dtype: str, num_images: int) -> dict:
+    """
+    Load `folder` strictly and compare its head input and logits with the NumPy reference of the Flax model.
+
+    The model runs in float32; for bfloat16/float16 folders the reference rounds its parameters the same way, so the
+    same tolerance applies.
+    """
+    import torch
+
+    with quiet_progress_bars():
+        model, info = target.model_class.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ConversionError(f"The converted folder does not load strictly: {problems}.")
+    head = model.classifier if hasattr(model, "classifier") else model.head
+    captured = {}
+    hook = head.register_forward_pre_hook(lambda module, inputs: captured.__setitem__("features", inputs[0]))
+    images = verification_images(num_images, *target.image_size, channels=arch.num_channels)
+    with torch.inference_mode():
+        logits = model.eval()(pixel_values=torch.from_numpy(images)).logits.double().numpy()
+    hook.remove()
+    features = captured["features"].double().numpy()
+    del model
+    reference_features, reference_logits = flax_vit_forward(
+        family.reference_params(checkpoint, arch),
+        arch,
+        images,
+        gelu="exact" if family.hidden_act == "gelu" else "tanh",
+        use_pre_logits=target.keep_pre_logits,
+        new_head_classes=target.new_head,
+        dtype=dtype,
+    )
+    result = {
+        "max_abs_diff_logits": float(np.abs(logits - reference_logits).max()),
+        "max_abs_diff_features": float(np.abs(features - reference_features).max()),
+    }
+    result["max_abs_diff"] = max(result.values())
+    result["passed"] = bool(result["max_abs_diff"] <= VERIFY_TOLERANCE)
+    return result
+
+
+# --- the model card -----------------------------------------------------------------------------------------------
+
+
+def card_info(
+    resolved: Source, family, arch, target: Target, options, sha256, num_parameters, verification, output_dir
+):
+    size = target.image_size
+    resolution = str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+    name = Path(resolved.name).name.removesuffix(".npz").removesuffix(".bin")
+    if target.feature_extractor:
+        title, description = f"{name} ({resolution} px, feature extractor)", _describe(arch, target)
+    elif options.num_labels is not None:
+        title, description = f"{name} ({resolution} px, new {options.num_labels}-class head)", _describe(arch, target)
+    else:
+        title, description = f"{name} ({resolution} px)", arch.describe()
+    return CardInfo(
+        title=title,
+        source_name=resolved.name,
+        source_url=resolved.url,
+        source_sha256=sha256,
+        export=options.export,
+        architecture=description,
+        image_size=size,
+        source_image_size=arch.image_size,
+        num_parameters=num_parameters,
+        num_labels=target.num_labels,
+        new_head=bool(target.new_head),
+        feature_extractor=target.feature_extractor,
+        pre_logits=("kept" if target.keep_pre_logits else "dropped") if arch.representation_size else "none",
+        dtype=options.dtype,
+        hidden_act=family.hidden_act,
+        datasets=_datasets(resolved, arch, options.num_labels),
+        augreg=resolved.augreg,
+        verification=verification,
+        seed_checkpoint=family.seed,
+        repo_id=options.push_to_hub or output_dir.name,
+    )
+
+
+def _describe(arch: Architecture, target: Target) -> str:
+    head = "no head (feature extractor)" if target.feature_extractor else f"{target.num_labels} classes (new head)"
+    text = arch.describe().replace(f"{arch.num_classes} classes", head)
+    if arch.representation_size and not target.keep_pre_logits:
         text = text.replace(f", pre_logits {arch.representation_size}", "")
     return text
 
@@ -687,10 +637,4 @@ def _datasets(resolved: Source, arch: Architecture, num_labels: int | None) -> l
     return ["imagenet-1k"] if arch.num_classes == 1000 and num_labels is None else []
 
 
-def _title(resolved: Source, arch: Architecture, size: tuple[int, int], num_labels: int | None) -> str:
-    resolution = str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
-    name = Path(resolved.name).name.removesuffix(".npz").removesuffix(".bin")
-    return f"{name} ({resolution} px" + (f", new {num_labels}-class head)" if num_labels is not None else ")")
-
-
-__all__ = ["EXPORTS", "VERIFY_TOLERANCE", "convert", "imagenet1k_labels", "verify_folder"]
+__all__ = ["DTYPES", "EXPORTS", "VERIFY_TOLERANCE", "Options", "convert", "verify_folder"]

@@ -1,20 +1,18 @@
-"""The conversion as data: one table from checkpoint keys to hf_vit state-dict keys, with a few named transforms.
+"""The conversion as data: key tables (checkpoint key -> hf_vit state-dict key, shape, named transform) and the plan.
 
-`plan_conversion` walks a table against a checkpoint's headers (no tensor is loaded): every rule's key must be there
-with the shape the detected architecture implies, every checkpoint key must be claimed by a rule, and the result is a
-list of `Entry` (target key, target shape, source key, transform) that the writer then streams one tensor at a time.
+`plan_conversion` walks a family's table against a checkpoint's headers (no tensor is loaded): every rule's key must
+be there with the shape the detected architecture implies, every checkpoint key must be claimed by a rule, and the
+result is the list of output tensors (target key, shape, source key, transform) that `build_state_dict` fills.
 """
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import Architecture, _format_shape, sum_is_finite
+from .checkpoint import Architecture, format_shape
 from .errors import ConversionError
-from .fast_transpose import copy_into
 
 
 @dataclass(frozen=True)
@@ -29,82 +27,9 @@ class Rule:
     role: str = "body"  # "head" and "pre_logits" rules are replaced or dropped by --num-labels
 
 
-# vit_jax/models_vit.py parameter names -> hf_vit (the seed's names). Shapes: D hidden, H heads, d = D / H, M MLP,
-# Ph Pw patch, C channels, T tokens (class token + patches), R pre_logits width, K head input (R or D), N classes.
-_BLOCK = "Transformer/encoderblock_{i}"
-_ATTN = _BLOCK + "/MultiHeadDotProductAttention_1"
-_LAYER = "transformer.encoder.layer.{i}"
-NPZ_KEY_TABLE: tuple[Rule, ...] = (
-    Rule("embedding/kernel", "transformer.embeddings.patch_embeddings.weight", "Ph Pw C D", "conv_hwio_to_oihw"),
-    Rule("embedding/bias", "transformer.embeddings.patch_embeddings.bias", "D"),
-    Rule("cls", "transformer.embeddings.cls_token", "1 1 D", when="token"),
-    Rule("Transformer/posembed_input/pos_embedding", "transformer.embeddings.position_embeddings", "1 T D", "posemb"),
-    Rule(_BLOCK + "/LayerNorm_0/scale", _LAYER + ".attention_norm.weight", "D"),
-    Rule(_BLOCK + "/LayerNorm_0/bias", _LAYER + ".attention_norm.bias", "D"),
-    Rule(_ATTN + "/query/kernel", _LAYER + ".attn.query.weight", "D H d", "heads_in"),
-    Rule(_ATTN + "/query/bias", _LAYER + ".attn.query.bias", "H d", "heads_bias"),
-    Rule(_ATTN + "/key/kernel", _LAYER + ".attn.key.weight", "D H d", "heads_in"),
-    Rule(_ATTN + "/key/bias", _LAYER + ".attn.key.bias", "H d", "heads_bias"),
-    Rule(_ATTN + "/value/kernel", _LAYER + ".attn.value.weight", "D H d", "heads_in"),
-    Rule(_ATTN + "/value/bias", _LAYER + ".attn.value.bias", "H d", "heads_bias"),
-    Rule(_ATTN + "/out/kernel", _LAYER + ".attn.out.weight", "H d D", "heads_out"),
-    Rule(_ATTN + "/out/bias", _LAYER + ".attn.out.bias", "D"),
-    Rule(_BLOCK + "/LayerNorm_2/scale", _LAYER + ".ffn_norm.weight", "D"),
-    Rule(_BLOCK + "/LayerNorm_2/bias", _LAYER + ".ffn_norm.bias", "D"),
-    Rule(_BLOCK + "/MlpBlock_3/Dense_0/kernel", _LAYER + ".ffn.fc1.weight", "D M", "dense"),
-    Rule(_BLOCK + "/MlpBlock_3/Dense_0/bias", _LAYER + ".ffn.fc1.bias", "M"),
-    Rule(_BLOCK + "/MlpBlock_3/Dense_1/kernel", _LAYER + ".ffn.fc2.weight", "M D", "dense"),
-    Rule(_BLOCK + "/MlpBlock_3/Dense_1/bias", _LAYER + ".ffn.fc2.bias", "D"),
-    Rule("Transformer/encoder_norm/scale", "transformer.encoder.encoder_norm.weight", "D"),
-    Rule("Transformer/encoder_norm/bias", "transformer.encoder.encoder_norm.bias", "D"),
-    Rule("pre_logits/kernel", "pre_logits.weight", "D R", "dense", when="pre_logits", role="pre_logits"),
-    Rule("pre_logits/bias", "pre_logits.bias", "R", when="pre_logits", role="pre_logits"),
-    Rule("head/kernel", "head.weight", "K N", "dense", role="head"),
-    Rule("head/bias", "head.bias", "N", role="head"),
-)
-
-# The seed repo's `*_checkpoint.bin` already uses hf_vit's names and PyTorch layouts: only the grid may change.
-_SEED_LAYER = "transformer.encoder.layer.{i}"
-SEED_KEY_TABLE: tuple[Rule, ...] = (
-    Rule(
-        "transformer.embeddings.patch_embeddings.weight", "transformer.embeddings.patch_embeddings.weight", "D C Ph Pw"
-    ),
-    Rule("transformer.embeddings.patch_embeddings.bias", "transformer.embeddings.patch_embeddings.bias", "D"),
-    Rule("transformer.embeddings.cls_token", "transformer.embeddings.cls_token", "1 1 D", when="token"),
-    Rule(
-        "transformer.embeddings.position_embeddings", "transformer.embeddings.position_embeddings", "1 T D", "posemb"
-    ),
-    *(
-        Rule(f"{_SEED_LAYER}.{name}", f"{_SEED_LAYER}.{name}", shape)
-        for name, shape in (
-            ("attention_norm.weight", "D"),
-            ("attention_norm.bias", "D"),
-            ("attn.query.weight", "D D"),
-            ("attn.query.bias", "D"),
-            ("attn.key.weight", "D D"),
-            ("attn.key.bias", "D"),
-            ("attn.value.weight", "D D"),
-            ("attn.value.bias", "D"),
-            ("attn.out.weight", "D D"),
-            ("attn.out.bias", "D"),
-            ("ffn_norm.weight", "D"),
-            ("ffn_norm.bias", "D"),
-            ("ffn.fc1.weight", "M D"),
-            ("ffn.fc1.bias", "M"),
-            ("ffn.fc2.weight", "D M"),
-            ("ffn.fc2.bias", "D"),
-        )
-    ),
-    Rule("transformer.encoder.encoder_norm.weight", "transformer.encoder.encoder_norm.weight", "D"),
-    Rule("transformer.encoder.encoder_norm.bias", "transformer.encoder.encoder_norm.bias", "D"),
-    Rule("pre_logits.weight", "pre_logits.weight", "R D", when="pre_logits", role="pre_logits"),
-    Rule("pre_logits.bias", "pre_logits.bias", "R", when="pre_logits", role="pre_logits"),
-    Rule("head.weight", "head.weight", "N K", role="head"),
-    Rule("head.bias", "head.bias", "N", role="head"),
-)
-
 # hf_vit state-dict keys -> stock transformers `ViTForImageClassification` (transformers 5 names), for
 # `--export transformers-vit`. Stock ViT has no pre_logits and no "gap" pooling, so those are refused before this.
+_LAYER = "transformer.encoder.layer.{i}"
 TRANSFORMERS_VIT_KEYS: tuple[tuple[str, str], ...] = (
     ("transformer.embeddings.cls_token", "vit.embeddings.cls_token"),
     ("transformer.embeddings.position_embeddings", "vit.embeddings.position_embeddings"),
@@ -123,7 +48,16 @@ TRANSFORMERS_VIT_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
-# --- named transforms: (array function, shape function) ---------------------------------------------------------
+def rename_for_transformers_vit(key: str) -> str:
+    """The stock `ViTForImageClassification` name of an hf_vit state-dict key."""
+    for pattern, replacement in TRANSFORMERS_VIT_KEYS:
+        regex = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        if match := re.fullmatch(regex, key):
+            return replacement.format(**match.groupdict())
+    raise ConversionError(f"{key!r} has no counterpart in transformers' ViTForImageClassification.")
+
+
+# --- named transforms: (array function, shape function) -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -133,12 +67,6 @@ class Context:
     source_grid: tuple[int, int]
     target_grid: tuple[int, int]
     num_prefix_tokens: int
-
-
-@dataclass(frozen=True)
-class Transform:
-    array: Callable[[np.ndarray, Context], np.ndarray]
-    shape: Callable[[tuple[int, ...], Context], tuple[int, ...]]
 
 
 def resample_position_embeddings(array: np.ndarray, context: Context) -> np.ndarray:
@@ -159,6 +87,25 @@ def resample_position_embeddings(array: np.ndarray, context: Context) -> np.ndar
     return resampled.numpy().astype(np.float32)
 
 
+def posemb_before_cls(array: np.ndarray, context: Context) -> np.ndarray:
+    """
+    big_vision adds its (1, N, D) `pos_embedding` to the patch tokens before it prepends the class token, so the class
+    token carries none: hf_vit, which adds (1, 1 + N, D) after, gets a zero row for the class token. Same logits.
+    """
+    zeros = np.zeros((1, context.num_prefix_tokens, array.shape[-1]), np.float32)
+    return resample_position_embeddings(np.concatenate([zeros, array], axis=1), context)
+
+
+@dataclass(frozen=True)
+class Transform:
+    array: Callable[[np.ndarray, Context], np.ndarray]
+    shape: Callable[[tuple[int, ...], Context], tuple[int, ...]]
+
+
+def _posemb_shape(shape, context):
+    return (shape[0], context.num_prefix_tokens + context.target_grid[0] * context.target_grid[1], shape[2])
+
+
 TRANSFORMS: dict[str, Transform] = {
     "identity": Transform(lambda a, c: a, lambda s, c: s),
     # Conv kernels: Flax HWIO (Ph, Pw, C, D) -> PyTorch OIHW (D, C, Ph, Pw).
@@ -170,10 +117,8 @@ TRANSFORMS: dict[str, Transform] = {
     # Attention output projection (H, d, D) -> (D, H * d).
     "heads_out": Transform(lambda a, c: a.reshape(-1, a.shape[-1]).T, lambda s, c: (s[2], s[0] * s[1])),
     "heads_bias": Transform(lambda a, c: a.reshape(-1), lambda s, c: (s[0] * s[1],)),
-    "posemb": Transform(
-        resample_position_embeddings,
-        lambda s, c: (s[0], c.num_prefix_tokens + c.target_grid[0] * c.target_grid[1], s[2]),
-    ),
+    "posemb": Transform(resample_position_embeddings, _posemb_shape),
+    "posemb_before_cls": Transform(posemb_before_cls, _posemb_shape),
 }
 
 
@@ -207,7 +152,8 @@ def _symbols(arch: Architecture) -> dict[str, int | None]:
         "Ph": arch.patch_size[0],
         "Pw": arch.patch_size[1],
         "C": arch.num_channels,
-        "T": arch.num_prefix_tokens + arch.grid[0] * arch.grid[1],
+        "G": arch.grid[0] * arch.grid[1],  # patches
+        "T": arch.num_prefix_tokens + arch.grid[0] * arch.grid[1],  # tokens: class token + patches
         "R": arch.representation_size,
         "K": arch.representation_size or arch.hidden_size,
         "N": arch.num_classes,
@@ -221,21 +167,19 @@ def plan_conversion(
     arch: Architecture,
     *,
     target_grid: tuple[int, int],
-    num_labels: int | None = None,
-    keep_pre_logits: bool = False,
+    new_head: int | None = None,
+    keep_pre_logits: bool = True,
 ) -> Plan:
     """
     Match `table` against the checkpoint's keys and shapes and lay out the output tensors.
 
-    With `num_labels`, the head becomes a new zero-initialised `num_labels`-way classifier (as the paper fine-tunes)
-    and pre_logits is dropped (as vit_jax fine-tuning does) unless `keep_pre_logits`.
+    `new_head`: None keeps the checkpoint's head; N > 0 writes a new zero-initialised N-way head (as the paper
+    fine-tunes); 0 writes none (a feature extractor). `keep_pre_logits=False` drops pre_logits (as vit_jax
+    fine-tuning does).
     """
-    keys = checkpoint.keys()
-    present = set(keys)
     symbols = _symbols(arch)
     context = Context(arch.grid, target_grid, arch.num_prefix_tokens)
-    drop_pre_logits = num_labels is not None and not keep_pre_logits
-    head_in = arch.representation_size if arch.representation_size and not drop_pre_logits else arch.hidden_size
+    head_in = arch.representation_size if arch.representation_size and keep_pre_logits else arch.hidden_size
     entries, dropped, consumed = [], [], set()
     for rule in table:
         if rule.when == "token" and arch.classifier != "token":
@@ -244,7 +188,7 @@ def plan_conversion(
             continue
         for i in range(arch.num_layers) if "{i}" in rule.source else (None,):
             source, target = rule.source.format(i=i), rule.target.format(i=i)
-            if source not in present:
+            if source not in checkpoint.keys():
                 raise ConversionError(
                     f"{checkpoint.path}: missing key {source!r} (expected for {arch.describe()}): the checkpoint is "
                     "incomplete."
@@ -253,98 +197,49 @@ def plan_conversion(
             found = checkpoint.shape(source)
             if None not in expected and found != expected:
                 raise ConversionError(
-                    f"{checkpoint.path}: {source!r} has shape {_format_shape(found)}, expected "
-                    f"{_format_shape(expected)} = ({rule.shape.replace(' ', ', ')}) for the architecture the other "
+                    f"{checkpoint.path}: {source!r} has shape {format_shape(found)}, expected "
+                    f"{format_shape(expected)} = ({rule.shape.replace(' ', ', ')}) for the architecture the other "
                     f"tensors give ({arch.describe()}): the checkpoint is inconsistent."
                 )
             consumed.add(source)
-            if (rule.role == "pre_logits" and drop_pre_logits) or (rule.role == "head" and num_labels is not None):
+            if (rule.role == "pre_logits" and not keep_pre_logits) or (rule.role == "head" and new_head is not None):
                 dropped.append(source)
                 continue
             entries.append(Entry(target, TRANSFORMS[rule.transform].shape(found, context), source, rule.transform))
-    leftovers = [k for k in keys if k not in consumed]
+    leftovers = [k for k in checkpoint.keys() if k not in consumed]
     if leftovers:
         shown = ", ".join(repr(k) for k in leftovers[:5]) + (
             f" and {len(leftovers) - 5} more" if len(leftovers) > 5 else ""
         )
         raise ConversionError(
             f"{checkpoint.path}: {len(leftovers)} unexpected key(s) that no rule converts: {shown}; this is not a "
-            "plain vit_jax ViT checkpoint, or one with extra parameters hf_vit does not have."
+            "plain ViT checkpoint, or one with extra parameters hf_vit does not have."
         )
-    if num_labels is not None:
-        entries.append(Entry("head.weight", (num_labels, head_in), None))
-        entries.append(Entry("head.bias", (num_labels,), None))
+    if new_head:
+        entries.append(Entry("head.weight", (new_head, head_in), None))
+        entries.append(Entry("head.bias", (new_head,), None))
     return Plan(tuple(entries), tuple(dropped), context)
 
 
-def rename_for_transformers_vit(key: str) -> str:
-    """The stock `ViTForImageClassification` name of an hf_vit state-dict key."""
-    for pattern, replacement in TRANSFORMERS_VIT_KEYS:
-        regex = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-        match = re.fullmatch(regex, key)
-        if match:
-            return replacement.format(**match.groupdict())
-    raise ConversionError(f"{key!r} has no counterpart in transformers' ViTForImageClassification.")
-
-
-class ScratchRing:
-    """
-    Reusable float32 output buffers for `produce`'s transposes, `slots` of them taken in turn, one per transposed
-    tensor.
-
-    A fresh buffer per tensor costs a page fault per 4 KiB (a third of a fresh process's conversion time). A buffer is
-    reused `slots` transposes later, so this is safe while fewer than `slots` produced tensors are alive at once:
-    `write_safetensors` holds `PRODUCED_AHEAD + 1` (the one it writes and those made ahead of it).
-    """
-
-    def __init__(self, slots: int = 3):
-        self._buffers = [bytearray() for _ in range(slots)]
-        self._turn = -1
-
-    def array(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The next buffer (grown if it is too small) as a C-contiguous float32 array of `shape`."""
-        self._turn = (self._turn + 1) % len(self._buffers)
-        count = math.prod(shape)
-        if len(self._buffers[self._turn]) < 4 * count:
-            self._buffers[self._turn] = bytearray(4 * count)
-        return np.frombuffer(self._buffers[self._turn], np.float32, count).reshape(shape)
-
-
-def produce(checkpoint, entry: Entry, context: Context, scratch: ScratchRing | None = None) -> np.ndarray:
-    """
-    The float32 tensor of one entry, loaded, checked to be finite and transformed now (the caller writes it and lets
-    it go).
-
-    With a `ScratchRing`, the tensor is transposed into its next buffer instead of fresh memory.
-    """
+def produce(checkpoint, entry: Entry, context: Context) -> np.ndarray:
+    """The C-contiguous float32 tensor of one entry: loaded (checked finite) and transformed, or zeros."""
     if entry.source is None:
         return np.zeros(entry.shape, dtype=np.float32)
-    raw = checkpoint.load(entry.source, check_finite=False)
-    array = TRANSFORMS[entry.transform].array(raw, context)
+    array = np.ascontiguousarray(TRANSFORMS[entry.transform].array(checkpoint.load(entry.source), context))
     if array.shape != entry.shape:  # the shape functions and the array functions must agree
         raise AssertionError(f"{entry.target}: transform {entry.transform} gave {array.shape}, planned {entry.shape}")
-    if array.flags.c_contiguous:
-        result, checked = array, raw
-    else:  # a permuted view of `raw`: the same values, checked in the transposed copy while it is in cache
-        out = np.empty(entry.shape, dtype=np.float32) if scratch is None else scratch.array(entry.shape)
-        result = checked = copy_into(out, array)
-    if not sum_is_finite(checked):
-        checkpoint.load(entry.source)  # the exact check: raises, counting the NaN and inf values, unless none
-    if not np.may_share_memory(result, raw):  # the view is no longer needed
-        checkpoint.release(entry.source)
-    return result
+    return array
 
 
 __all__ = [
-    "NPZ_KEY_TABLE",
-    "SEED_KEY_TABLE",
     "TRANSFORMERS_VIT_KEYS",
     "TRANSFORMS",
+    "Context",
     "Entry",
     "Plan",
     "Rule",
-    "ScratchRing",
     "plan_conversion",
+    "posemb_before_cls",
     "produce",
     "rename_for_transformers_vit",
     "resample_position_embeddings",

@@ -53,6 +53,7 @@ class CardInfo:
     num_parameters: int
     num_labels: int
     new_head: bool
+    feature_extractor: bool  # the checkpoint's head was all zeros: saved without one
     pre_logits: str  # "kept", "dropped" or "none"
     dtype: str
     hidden_act: str
@@ -69,8 +70,9 @@ def _yaml_list(name: str, values: list[str]) -> list[str]:
 
 def render_model_card(info: CardInfo) -> str:
     """README.md text: front matter for the Hub, then what the model is, how to load it, how it was checked."""
-    tags = ["vision", "image-classification", "vit", "hf_vit"] + (["augreg"] if info.augreg else [])
-    front = ["---", "license: apache-2.0", "library_name: transformers", "pipeline_tag: image-classification"]
+    task = "image-feature-extraction" if info.feature_extractor else "image-classification"
+    tags = ["vision", task, "vit", "hf_vit"] + (["augreg"] if info.augreg else [])
+    front = ["---", "license: apache-2.0", "library_name: transformers", f"pipeline_tag: {task}"]
     front += _yaml_list("tags", tags) + _yaml_list("datasets", info.datasets)
     if info.source_url:
         front.append(f"source_url: {info.source_url}")
@@ -96,7 +98,9 @@ def render_model_card(info: CardInfo) -> str:
         f"- Architecture: {info.architecture}",
         f"- Resolution: {resolution}; inputs are RGB scaled to [-1, 1] (mean = std = 0.5)",
         f"- Parameters: {info.num_parameters:,}",
-        f"- Classifier: {info.num_labels} classes"
+        "- Classifier: none: a feature extractor (see below)"
+        if info.feature_extractor
+        else f"- Classifier: {info.num_labels} classes"
         + (" (new head, zero-initialised for fine-tuning)" if info.new_head else ""),
         f"- pre_logits: {info.pre_logits}",
         f"- Weights: {info.dtype}; GELU: {gelu} (`{info.hidden_act}`); LayerNorm epsilon 1e-6",
@@ -104,6 +108,21 @@ def render_model_card(info: CardInfo) -> str:
         + (f"{info.source_url}" if info.source_url else info.source_name)
         + f" (sha256 `{info.source_sha256}`)",
         "",
+    ]
+    if info.feature_extractor:
+        lines += [
+            "## Why there is no classifier",
+            "",
+            "The head of this checkpoint is all zeros: Google zeroed the ImageNet-21k heads of these files before "
+            "releasing them, so it would output 0 for every class. The model is saved without it, for "
+            "`image-feature-extraction`: with `AutoModelForImageClassification`, `logits` are the features the head "
+            "would have read "
+            + ("(after pre_logits, Linear + tanh)" if info.pre_logits == "kept" else "(the pooled token)")
+            + '; `AutoModel` and `pipeline("image-feature-extraction")` give every token after the encoder\'s '
+            "final LayerNorm. Convert again with `--num-labels N` for a new zero-initialised classifier to fine-tune.",
+            "",
+        ]
+    lines += [
         "## How to load",
         "",
     ]
@@ -113,7 +132,7 @@ def render_model_card(info: CardInfo) -> str:
             "",
             "```python",
             "from transformers import pipeline",
-            f'classifier = pipeline("image-classification", model="{info.repo_id}")',
+            f'pipe = pipeline("{task}", model="{info.repo_id}")',
             "```",
         ]
     else:
@@ -124,7 +143,7 @@ def render_model_card(info: CardInfo) -> str:
             "import hf_vit",
             "from transformers import AutoModelForImageClassification, pipeline",
             f'model = AutoModelForImageClassification.from_pretrained("{info.repo_id}")',
-            f'classifier = pipeline("image-classification", model="{info.repo_id}")',
+            f'pipe = pipeline("{task}", model="{info.repo_id}")',
             "```",
             "",
             "Without hf_vit, the modeling code shipped in this folder is used:",

@@ -3,8 +3,9 @@
 It reads the parameters by their vit_jax names, straight from the checkpoint, computes in float64, and shares no code
 with hf_vit or with the key table: pre-LayerNorm blocks with epsilon 1e-6, attention scaled by 1/sqrt(d), GELU with
 the tanh approximation (Flax `nn.gelu`), encoder_norm, the "token" (row 0) or "gap" (mean of the patch tokens)
-classifier, optional pre_logits (Dense + tanh), then the head. A seed `*_checkpoint.bin` is read through
-`SeedAsFlax`, which presents its PyTorch tensors under the Flax names (the seed uses exact GELU).
+classifier, optional pre_logits (Dense + tanh), then the head. Each checkpoint family presents its tensors under
+the vit_jax names and Flax layouts (`Family.reference_params`); a big_vision `pos_embedding` is read as big_vision
+uses it (added to the patch tokens before the class token is prepended).
 """
 
 import math
@@ -65,65 +66,6 @@ def round_to_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
     raise ValueError(f"unknown dtype {dtype!r}")
 
 
-class SeedAsFlax:
-    """A seed state dict seen under vit_jax names and Flax layouts (Dense kernels (in, out), attention (D, H, d))."""
-
-    def __init__(self, checkpoint, num_heads: int):
-        self.checkpoint, self.num_heads = checkpoint, num_heads
-
-    def __contains__(self, key: str) -> bool:
-        try:
-            return self._seed_key(key) in self.checkpoint.keys()
-        except KeyError:
-            return False
-
-    def _seed_key(self, key: str) -> str:
-        simple = {
-            "embedding/kernel": "transformer.embeddings.patch_embeddings.weight",
-            "embedding/bias": "transformer.embeddings.patch_embeddings.bias",
-            "cls": "transformer.embeddings.cls_token",
-            "Transformer/posembed_input/pos_embedding": "transformer.embeddings.position_embeddings",
-            "Transformer/encoder_norm/scale": "transformer.encoder.encoder_norm.weight",
-            "Transformer/encoder_norm/bias": "transformer.encoder.encoder_norm.bias",
-            "pre_logits/kernel": "pre_logits.weight",
-            "pre_logits/bias": "pre_logits.bias",
-            "head/kernel": "head.weight",
-            "head/bias": "head.bias",
-        }
-        if key in simple:
-            return simple[key]
-        block, rest = key.removeprefix("Transformer/encoderblock_").split("/", 1)
-        names = {
-            "LayerNorm_0/scale": "attention_norm.weight",
-            "LayerNorm_0/bias": "attention_norm.bias",
-            "LayerNorm_2/scale": "ffn_norm.weight",
-            "LayerNorm_2/bias": "ffn_norm.bias",
-            "MlpBlock_3/Dense_0/kernel": "ffn.fc1.weight",
-            "MlpBlock_3/Dense_0/bias": "ffn.fc1.bias",
-            "MlpBlock_3/Dense_1/kernel": "ffn.fc2.weight",
-            "MlpBlock_3/Dense_1/bias": "ffn.fc2.bias",
-        }
-        for name in ("query", "key", "value", "out"):
-            names[f"MultiHeadDotProductAttention_1/{name}/kernel"] = f"attn.{name}.weight"
-            names[f"MultiHeadDotProductAttention_1/{name}/bias"] = f"attn.{name}.bias"
-        return f"transformer.encoder.layer.{block}.{names[rest]}"
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        array = self.checkpoint.load(self._seed_key(key))
-        heads = self.num_heads
-        if key == "embedding/kernel":  # (D, C, P, P) -> (P, P, C, D)
-            return array.transpose(2, 3, 1, 0)
-        if key.endswith(("query/kernel", "key/kernel", "value/kernel")):  # (H*d, D) -> (D, H, d)
-            return array.T.reshape(array.shape[1], heads, -1)
-        if key.endswith(("query/bias", "key/bias", "value/bias")):
-            return array.reshape(heads, -1)
-        if key.endswith("out/kernel"):  # (D, H*d) -> (H, d, D)
-            return array.T.reshape(heads, -1, array.shape[0])
-        if key.endswith("kernel"):  # nn.Linear (out, in) -> Dense (in, out)
-            return array.T
-        return array
-
-
 def flax_vit_forward(
     params,
     arch: Architecture,
@@ -139,7 +81,8 @@ def flax_vit_forward(
 
     `params[key]` returns a parameter by its vit_jax name. Position embeddings are resampled to the image's patch grid
     as vit_jax does. `dtype` rounds every parameter (after resampling) to the saved precision first. With
-    `new_head_classes` the head is the zero-initialised classifier the converter writes.
+    `new_head_classes` N the head is the zero-initialised classifier the converter writes; with 0 there is none (a
+    feature extractor: the logits are the features).
     """
 
     def param(key: str) -> np.ndarray:
@@ -156,14 +99,19 @@ def flax_vit_forward(
     x = x.reshape(batch, grid_h * grid_w, -1) @ param("embedding/kernel").reshape(-1, hidden)
     x = x + param("embedding/bias")  # (B, N, D)
 
-    if arch.classifier == "token":
-        x = np.concatenate([np.broadcast_to(param("cls"), (batch, 1, hidden)), x], axis=1)
-    posemb = params["Transformer/posembed_input/pos_embedding"].astype(np.float64)
-    prefix = arch.num_prefix_tokens
+    before_cls = "pos_embedding" in params  # big_vision: one row per patch, added before the class token
+    posemb = params["pos_embedding" if before_cls else "Transformer/posembed_input/pos_embedding"].astype(np.float64)
+    prefix = 0 if before_cls else arch.num_prefix_tokens
     if (grid_h, grid_w) != tuple(arch.grid):
         patches = zoom_linear(posemb[0, prefix:].reshape(*arch.grid, hidden), (grid_h, grid_w))
         posemb = np.concatenate([posemb[:, :prefix], patches.reshape(1, grid_h * grid_w, hidden)], axis=1)
-    x = x + round_to_dtype(posemb.astype(np.float32), dtype).astype(np.float64)
+    posemb = round_to_dtype(posemb.astype(np.float32), dtype).astype(np.float64)
+    if before_cls:
+        x = x + posemb
+    if arch.classifier == "token":
+        x = np.concatenate([np.broadcast_to(param("cls"), (batch, 1, hidden)), x], axis=1)
+    if not before_cls:
+        x = x + posemb
 
     activation = gelu_tanh if gelu == "tanh" else gelu_exact
     for i in range(arch.num_layers):
@@ -192,7 +140,9 @@ def flax_vit_forward(
     features = x[:, 0] if arch.classifier == "token" else x.mean(axis=1)
     if arch.representation_size and use_pre_logits:
         features = np.tanh(features @ param("pre_logits/kernel") + param("pre_logits/bias"))
-    if new_head_classes is not None:
+    if new_head_classes == 0:
+        logits = features
+    elif new_head_classes is not None:
         logits = np.zeros((batch, new_head_classes))
     else:
         logits = features @ param("head/kernel") + param("head/bias")
@@ -205,4 +155,4 @@ def verification_images(num_images: int, height: int, width: int, channels: int 
     return rng.uniform(-1.0, 1.0, size=(num_images, channels, height, width)).astype(np.float32)
 
 
-__all__ = ["SeedAsFlax", "flax_vit_forward", "gelu_tanh", "round_to_dtype", "verification_images", "zoom_linear"]
+__all__ = ["flax_vit_forward", "gelu_tanh", "round_to_dtype", "verification_images", "zoom_linear"]

@@ -57,12 +57,9 @@ class Source:
     sha256: str | None = None  # recorded at download; for a local file the conversion computes it
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as file:
-        while chunk := file.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def parse_augreg_name(name: str) -> dict | None:

@@ -6,6 +6,7 @@ between two implementations has something to compare.
 """
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,29 @@ def write_random_npz(
     return path
 
 
+def big_vision_arrays(arrays: dict[str, np.ndarray], *, scanned: bool = False) -> dict[str, np.ndarray]:
+    """
+    `random_vit_arrays` in big_vision's layout: `params/` prefix, Linen names, a top-level `pos_embedding` without the
+    class-token row (big_vision adds it before prepending the class token), optionally a scanned encoder.
+    """
+    from .families.big_vision import linen_name
+
+    result, stacked = {}, {}
+    for key, value in arrays.items():
+        if key == "Transformer/posembed_input/pos_embedding":
+            result["pos_embedding"] = value[:, 1:] if "cls" in arrays else value
+            continue
+        name = linen_name(key)
+        block = re.fullmatch(r"Transformer/encoderblock_(\d+)/(.+)", name)
+        if scanned and block:
+            stacked.setdefault(block[2], []).append((int(block[1]), value))
+        else:
+            result[name] = value
+    for name, layers in stacked.items():
+        result[f"Transformer/encoderblock/{name}"] = np.stack([value for _, value in sorted(layers)])
+    return {f"params/{key}": value for key, value in result.items()}
+
+
 def write_random_seed_checkpoint(
     path: str | os.PathLike,
     *,
@@ -180,4 +204,4 @@ def write_random_seed_checkpoint(
     return path
 
 
-__all__ = ["random_vit_arrays", "write_random_npz", "write_random_seed_checkpoint"]
+__all__ = ["big_vision_arrays", "random_vit_arrays", "write_random_npz", "write_random_seed_checkpoint"]

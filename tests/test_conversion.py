@@ -18,11 +18,10 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageClassification, ViTForImageClassification, pipeline
 
 import hf_vit
-from conversion import checkpoint as checkpoint_module
-from conversion import convert, fast_transpose, imagenet1k_labels
-from conversion.checkpoint import NpzCheckpoint, detect_npz_architecture
-from conversion.errors import ConversionError
-from conversion.keys import NPZ_KEY_TABLE, TRANSFORMS, Context, resample_position_embeddings
+from conversion import convert, imagenet1k_labels
+from conversion.checkpoint import open_checkpoint
+from conversion.families import vit_jax
+from conversion.keys import TRANSFORMS, Context, resample_position_embeddings
 from conversion.model_card import CITATION_BIBTEX
 from conversion.reference import flax_vit_forward, verification_images, zoom_linear
 from conversion.testing import random_vit_arrays, write_random_npz, write_random_seed_checkpoint
@@ -31,8 +30,8 @@ from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassificat
 
 def reference(npz, images, **options):
     """(features, logits) of the NumPy Flax reference, straight from the .npz."""
-    checkpoint = NpzCheckpoint(npz)
-    return flax_vit_forward(checkpoint, detect_npz_architecture(checkpoint), images, **options)
+    checkpoint = open_checkpoint(npz)
+    return flax_vit_forward(checkpoint, vit_jax.detect(checkpoint), images, **options)
 
 
 def logits_of(folder, images, model_class=VisionTransformerForImageClassification):
@@ -77,8 +76,8 @@ def test_non_square_pre_training_grid(tmp_path):
     npz = write_random_npz(tmp_path / "vit.npz", image_size=(32, 48))  # 4x6 patches: no square has 24
     images = verification_images(2, 32, 48, seed=7)
     folder = convert(npz, tmp_path / "same", image_size=(32, 48), log=None)
-    checkpoint = NpzCheckpoint(npz)
-    arch = detect_npz_architecture(checkpoint, (4, 6))
+    checkpoint = open_checkpoint(npz)
+    arch = vit_jax.detect(checkpoint, (32, 48))
     assert np.abs(logits_of(folder, images) - flax_vit_forward(checkpoint, arch, images)[1]).max() <= 1e-5
     folder = convert(npz, tmp_path / "resampled", source_image_size=(32, 48), image_size=40, log=None)
     images = verification_images(2, 40, 40, seed=7)
@@ -112,65 +111,6 @@ def test_old_opt_target_prefix_is_understood(tmp_path):
     assert (folder / "model.safetensors").is_file()
 
 
-def test_npz_members_are_views_of_the_mapped_file_and_survive_release(tmp_path):
-    """`load` maps instead of reading; once `scan` and the reader released a member its pages may go, never its data."""
-    arrays = random_vit_arrays(mlp_dim=1024)  # kernels of 128 KiB: whole pages to drop
-    path = tmp_path / "vit.npz"
-    with open(path, "wb") as file:
-        np.savez(file, **arrays)
-    checkpoint = NpzCheckpoint(path)
-    key = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
-    view = checkpoint.load(key)
-    assert not view.flags.writeable and np.shares_memory(view, np.frombuffer(checkpoint._map, np.uint8))
-    assert checkpoint.scan(sha256=True) == hashlib.sha256(path.read_bytes()).hexdigest()  # releases every member once
-    checkpoint.release(key)  # the second reader: the pages leave this process
-    np.testing.assert_array_equal(view, arrays[key])  # read again from the page cache
-    np.testing.assert_array_equal(checkpoint[key], arrays[key])
-    del view
-    checkpoint.close()
-
-
-@pytest.mark.parametrize("batch_bytes", [4 << 20, 5000], ids=["one-batch", "many-batches"])
-def test_scan_needs_only_the_zip_directory(tmp_path, monkeypatch, batch_bytes):
-    """The CRC-32 and sha256 pass starts before any .npy header is parsed, and still catches a flipped byte."""
-    monkeypatch.setattr(checkpoint_module, "SCAN_BATCH_BYTES", batch_bytes)
-    path = write_random_npz(tmp_path / "vit.npz")
-    checkpoint = NpzCheckpoint(path)
-    assert checkpoint.scan(sha256=True) == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert "_headers" not in vars(checkpoint)  # parsed on first use, which the scan never makes
-    assert checkpoint.shape("cls") == (1, 1, 32)
-    checkpoint.close()
-
-    data = bytearray(path.read_bytes())
-    offset, size, _ = checkpoint._members["Transformer/encoder_norm/scale"]
-    data[offset + size - 1] ^= 0xFF  # the last byte of the array data
-    (tmp_path / "flipped.npz").write_bytes(bytes(data))
-    flipped = NpzCheckpoint(tmp_path / "flipped.npz")
-    with pytest.raises(ConversionError, match="'Transformer/encoder_norm/scale' does not match its recorded CRC-32"):
-        flipped.scan(sha256=False)
-    flipped.close()
-
-
-@pytest.mark.parametrize("blas", [True, False], ids=["openblas", "torch"])
-def test_transposes_copy_exactly(blas, monkeypatch, tmp_path):
-    if not blas:
-        monkeypatch.setattr(fast_transpose, "_somatcopy", lambda: None)
-    elif fast_transpose._somatcopy() is None:
-        pytest.skip("this NumPy ships no OpenBLAS with cblas_somatcopy (not a manylinux/macOS-x86 wheel)")
-    rng = np.random.default_rng(0)
-    path = tmp_path / "arrays.npy"
-    np.save(path, rng.standard_normal((37, 300)).astype(np.float32))
-    mapped = np.load(path, mmap_mode="r")  # read-only, as the checkpoint's views are
-    for array in [mapped.T, rng.standard_normal((1, 5)).astype(np.float32).T, mapped[:, :1].T]:
-        out = np.full(array.shape, np.nan, dtype=np.float32)
-        assert fast_transpose.copy_into(out, array) is out
-        np.testing.assert_array_equal(out, np.array(array))
-    conv = rng.standard_normal((4, 4, 3, 8)).astype(np.float32).transpose(3, 2, 0, 1)  # not a 2-D transpose
-    np.testing.assert_array_equal(fast_transpose.copy_into(np.empty(conv.shape, np.float32), conv), conv)
-    with pytest.raises(ValueError, match="cannot copy"):
-        fast_transpose.copy_into(np.empty((3, 3), np.float32), mapped.T)
-
-
 def test_position_embedding_resampling_equals_scipy_zoom(tmp_path):
     ndimage = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(0)
@@ -199,7 +139,7 @@ def test_position_embedding_resampling_equals_scipy_zoom(tmp_path):
 def test_named_transforms_agree_with_their_shape_functions():
     context = Context((4, 4), (4, 4), 1)
     arrays = random_vit_arrays()
-    for rule in NPZ_KEY_TABLE:
+    for rule in vit_jax.TABLE:
         key = rule.source.format(i=0)
         if key in arrays:
             transform = TRANSFORMS[rule.transform]

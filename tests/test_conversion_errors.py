@@ -11,7 +11,7 @@ import conversion.converter
 import hf_vit.modeling_hf_vit
 from conversion import ConversionError, convert
 from conversion.cli import main
-from conversion.testing import random_vit_arrays, write_random_npz, write_random_seed_checkpoint
+from conversion.testing import big_vision_arrays, random_vit_arrays, write_random_npz, write_random_seed_checkpoint
 
 
 def snapshot(root):
@@ -34,6 +34,26 @@ def altered(change):
         return save_npz(tmp_path / "bad.npz", arrays)
 
     return make
+
+
+def big_vision(change, scanned=False):
+    """A source factory: the tiny checkpoint in big_vision's layout after `change(arrays)`."""
+
+    def make(tmp_path):
+        arrays = big_vision_arrays(random_vit_arrays(), scanned=scanned)
+        change(arrays)
+        return save_npz(tmp_path / "bv.npz", arrays)
+
+    return make
+
+
+def shorter_depth(arrays):
+    key = "params/Transformer/encoderblock/MlpBlock_0/Dense_1/bias"
+    arrays[key] = arrays[key][:1]
+
+
+def zero_head(arrays):
+    arrays["head/kernel"], arrays["head/bias"] = 0 * arrays["head/kernel"], 0 * arrays["head/bias"]
 
 
 def truncated(tmp_path):
@@ -135,9 +155,44 @@ BAD_SOURCES = [
         id="non-square-grid-without-its-size",
     ),
     pytest.param(lambda tmp_path: "ViT-Z_99", [], "Unknown checkpoint 'ViT-Z_99'", id="unknown-official-name"),
+    pytest.param(altered(zero_head), ["--labels", "imagenet-1k"], "has an all-zero head", id="labels-for-zeroed-head"),
+    pytest.param(
+        big_vision(lambda a: a.pop("params/pos_embedding")), [], "(sincos2d) position embeddings", id="bv-sincos"
+    ),
+    pytest.param(
+        big_vision(lambda a: a.update({"params/MAPHead_0/probe": np.ones((1, 1, 32), np.float32)})),
+        [],
+        "'map' (attention pooling) classifier",
+        id="bv-map-head",
+    ),
+    pytest.param(
+        big_vision(lambda a: a.update({"params/pos_embedding": np.ones((1, 17, 32), np.float32)})),
+        [],
+        "'pos_embedding' has 17 patch rows, not a square grid",
+        id="bv-posemb-with-cls-row",
+    ),
+    pytest.param(
+        big_vision(shorter_depth, scanned=True),
+        [],
+        "missing key 'Transformer/encoderblock_1/MlpBlock_0/Dense_1/bias'",
+        id="bv-scanned-short-depth",
+    ),
+    pytest.param(
+        big_vision(lambda a: a.update({"opt/mu/head/bias": np.ones(10, np.float32)})),
+        [],
+        "1 unexpected key(s) that no rule converts: 'opt/mu/head/bias'",
+        id="bv-optimizer-state",
+    ),
+    pytest.param(
+        big_vision(set_value("params/Transformer/encoderblock/LayerNorm_1/scale", np.nan, (1, 3)), scanned=True),
+        [],
+        "'Transformer/encoderblock_1/LayerNorm_1/scale' contains 1 NaN",
+        id="bv-scanned-nan",
+    ),
     pytest.param(lambda tmp_path: tmp_path / "nothere.npz", [], "does not exist", id="missing-file"),
     pytest.param(lambda tmp_path: "imagenet21k/R50+ViT-B_16", [], "hybrid ResNet+ViT", id="hybrid-official-name"),
 ]
+
 
 BAD_OPTIONS = [
     pytest.param(["--variant", "ViT-B_16"], "--variant ViT-B_16 means hidden 768", id="variant-mismatch"),
@@ -216,7 +271,7 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, capsys, monkey
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(conversion.converter, "_write_support_files", full_disk)
+    monkeypatch.setattr(conversion.converter, "save_folder", full_disk)
     assert_refused(tmp_path, capsys, [npz, tmp_path / "deep" / "er" / "out"], "No space left on device")
 
 
