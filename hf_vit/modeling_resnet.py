@@ -60,8 +60,8 @@ class StdConv2d(nn.Conv2d):
         self.same_padding = flavour == "vit_jax"
 
     def standardized_weight(self) -> torch.Tensor:
-        # In float32 whatever the weights' dtype: a bf16 mean and std of 4,608 values would lose the kernel's detail.
-        weight = self.weight.float()
+        # In float32 at least: a bf16 mean and std of 4,608 values would lose the kernel's detail.
+        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         variance, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)  # population statistics
         if self.same_padding:  # vit_jax: the epsilon is added to the standard deviation
             weight = (weight - mean) / (variance.sqrt() + WEIGHT_STANDARDIZATION_EPS)
