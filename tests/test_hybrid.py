@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -635,3 +636,15 @@ def test_fresh_hybrid_starts_each_unit_as_its_residual():
     stem = model.transformer.embeddings.hybrid_model
     assert all((unit.gn3.weight == 0).all() for block in stem.body for unit in block)
     assert (stem.body.block2.unit1.gn2.weight == 1).all() and (stem.root.gn.weight == 1).all()
+
+
+def test_readme_variant_table_lists_every_variant_with_its_grid():
+    from hf_vit.configuration_hf_vit import VARIANTS, variant_display_name
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and ("ViT-" in line.split("|")[1])]
+    for key in VARIANTS:
+        name = variant_display_name(key)
+        (row,) = [r for r in rows if name in r.split("|")[1].replace(" ", "").split(",")]
+        grid = VisionTransformerConfig.from_variant(name).grid_size
+        assert f"{grid[0]}×{grid[1]}" in row.split("|")[5], (name, row)
