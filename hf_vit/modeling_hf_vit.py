@@ -18,7 +18,9 @@ repo's `*_checkpoint.bin` files. For the classifier (i = 0 .. num_hidden_layers 
     pre_logits.{weight,bias}                                    (R, D), (R,)  only with representation_size=R
     head.{weight,bias}                                          (num_labels, R or D)
 
-`VisionTransformerModel` has the same keys without the `transformer.` prefix.
+`VisionTransformerModel` has the same keys without the `transformer.` prefix. A hybrid (`resnet_num_layers` set) adds
+its ResNet under `transformer.embeddings.hybrid_model.{root,body}` (key table in `modeling_resnet.py`), and its
+`patch_embeddings` (D, C', P, P) cut the ResNet's C'-channel feature map instead of the image.
 """
 
 import os
@@ -37,6 +39,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hf_vit import IMAGE_MEAN, IMAGE_STD, VisionTransformerConfig, _as_pair
+from .modeling_resnet import PreActBottleneck, ResNetV2
 
 
 def resample_position_embeddings(
@@ -94,18 +97,23 @@ def linear(layer: nn.Linear, hidden_states: torch.Tensor, act_fn=None, post_op=(
 
 
 class Embeddings(nn.Module):
-    """Patch embeddings (a Conv2d with stride = kernel = patch), the class token and the position embeddings."""
+    """Patch embeddings (a Conv2d with stride = kernel = patch), the class token and the position embeddings; for a
+    hybrid, the patches are cut from the feature map of a ResNet (`hybrid_model`, the identity for a plain ViT)."""
 
     def __init__(self, config: VisionTransformerConfig):
         super().__init__()
         self.num_channels = config.num_channels
         self.patch_size = _as_pair(config.patch_size)
+        self.image_size = _as_pair(config.image_size)
         self.grid_size = config.grid_size
+        self.feature_map_size = config.feature_map_size
         self.num_prefix_tokens = 1 if config.classifier == "token" else 0
         num_patches = self.grid_size[0] * self.grid_size[1]
 
+        self.hybrid_model = ResNetV2(config) if config.resnet_num_layers is not None else nn.Identity()
+        in_channels = getattr(self.hybrid_model, "out_channels", config.num_channels)
         self.patch_embeddings = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+            in_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
         )
         # The "gap" classifier averages the patch tokens, so it has no class token (as in vit_jax).
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if self.num_prefix_tokens else None
@@ -116,7 +124,7 @@ class Embeddings(nn.Module):
 
     def grid_for(self, height: int, width: int, interpolate_pos_encoding: bool) -> tuple[int, int]:
         """The patch grid of an input of `height` x `width`, or a ValueError naming the sizes that don't fit."""
-        expected = (self.grid_size[0] * self.patch_size[0], self.grid_size[1] * self.patch_size[1])
+        expected = self.image_size
         if (height, width) == expected:
             return self.grid_size
         if not interpolate_pos_encoding:
@@ -124,12 +132,14 @@ class Embeddings(nn.Module):
                 f"Input image size ({height}x{width}) doesn't match the model ({expected[0]}x{expected[1]}): resize "
                 "the images, or pass interpolate_pos_encoding=True to resample the position embeddings."
             )
-        if height % self.patch_size[0] or width % self.patch_size[1]:
+        feature = self.feature_map_size(height, width)  # (height, width) itself for a plain ViT
+        if min(feature) <= 0 or feature[0] % self.patch_size[0] or feature[1] % self.patch_size[1]:
+            what = "" if feature == (height, width) else f"'s ResNet feature map ({feature[0]}x{feature[1]})"
             raise ValueError(
-                f"Input image size ({height}x{width}) must be divisible by the patch size "
+                f"Input image size ({height}x{width}){what} must be divisible by the patch size "
                 f"({self.patch_size[0]}x{self.patch_size[1]}) to interpolate the position embeddings."
             )
-        return height // self.patch_size[0], width // self.patch_size[1]
+        return feature[0] // self.patch_size[0], feature[1] // self.patch_size[1]
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         if pixel_values.ndim != 4:
@@ -145,7 +155,7 @@ class Embeddings(nn.Module):
             )
         grid = self.grid_for(height, width, interpolate_pos_encoding)
 
-        embeddings = self.patch_embeddings(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D)
+        embeddings = self.patch_embeddings(self.hybrid_model(pixel_values)).flatten(2).transpose(1, 2)  # (B, N, D)
         if self.cls_token is not None:
             embeddings = torch.cat((self.cls_token.expand(batch_size, -1, -1), embeddings), dim=1)  # (B, 1 + N, D)
         position_embeddings = resample_position_embeddings(
@@ -295,7 +305,8 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": Block, "attentions": Attention}
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Fresh weights: truncated normal projections, zero biases, unit LayerNorms, zero class token and head."""
+        """Fresh weights: truncated normal projections, zero biases, unit LayerNorms, zero class token and head; a
+        ResNet unit's last GroupNorm starts at zero, as in vit_jax (each unit starts as its residual)."""
         super()._init_weights(module)
         std = self.config.initializer_range
         if module is getattr(self, "head", None) and isinstance(module, nn.Linear):
@@ -308,6 +319,11 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             if module.cls_token is not None:
                 init.zeros_(module.cls_token)
+            # After its children (the GroupNorms got unit scales). Not on the units themselves: modules without
+            # parameters of their own are skipped for remote code.
+            for unit in module.hybrid_model.modules():
+                if isinstance(unit, PreActBottleneck):
+                    init.zeros_(unit.gn3.weight)
 
     def compile_for_speed(self, **compile_kwargs) -> Callable:
         r"""

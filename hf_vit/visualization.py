@@ -209,9 +209,13 @@ def map_from_attentions(
 
 
 def grid_of(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[int, int]:
-    """(rows, columns) of patches the model makes of `pixel_values`."""
-    patch = _as_pair(model.config.patch_size)
-    return pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1]
+    """(rows, columns) of patches the model makes of `pixel_values`: of the ResNet's feature map for a hybrid."""
+    config = model.config
+    size = (pixel_values.shape[-2], pixel_values.shape[-1])
+    if hasattr(config, "feature_map_size"):  # hf_vit's config, also when loaded as remote code
+        size = config.feature_map_size(*size)
+    patch = _as_pair(config.patch_size)
+    return size[0] // patch[0], size[1] // patch[1]
 
 
 @torch.no_grad()
@@ -238,7 +242,7 @@ def attention_map(
         image_processor: the preprocessing; default `hf_vit.image_processor_for(model.config)`, or pass
             `AutoImageProcessor.from_pretrained(folder)` for a saved model.
         image_size: (height, width) to run the model at instead of the processor's size, any multiple of the patch
-            size (the position embeddings are interpolated).
+            size (for a hybrid: any size whose ResNet feature map is one); the position embeddings are interpolated.
 
     Example:
 

@@ -45,6 +45,7 @@ def test_saved_folder_has_weights_config_code_and_preprocessor(saved):
         "configuration_hf_vit.py",
         "model.safetensors",
         "modeling_hf_vit.py",
+        "modeling_resnet.py",  # imported by modeling_hf_vit.py (the hybrids' ResNet), so copied beside it
         "preprocessor_config.json",
     ]
     config = json.loads((saved / "config.json").read_text())
@@ -62,6 +63,7 @@ def test_saved_folder_has_weights_config_code_and_preprocessor(saved):
     assert processor["rescale_factor"] == pytest.approx(1 / 255) and processor["do_normalize"]
     # The code files are the package's own, copied flat.
     assert (saved / "modeling_hf_vit.py").read_text() == open(hf_vit.modeling_hf_vit.__file__).read()
+    assert (saved / "modeling_resnet.py").read_text() == open(hf_vit.modeling_resnet.__file__).read()
 
 
 def test_base_model_folder_is_complete_too(tmp_path):

@@ -177,6 +177,7 @@ def test_folder_has_config_code_processor_and_card(tmp_path):
         "configuration_hf_vit.py",
         "model.safetensors",
         "modeling_hf_vit.py",
+        "modeling_resnet.py",  # imported by modeling_hf_vit.py, copied by custom_object_save
         "preprocessor_config.json",
     ]
     config = json.loads((folder / "config.json").read_text())
