@@ -161,3 +161,18 @@ def test_onednn_path_leaves_hooked_and_autocast_layers_to_their_forward(pixel_va
             logits = model(pixel_values).logits
     assert len(seen) == 2
     assert logits.dtype == torch.bfloat16
+
+
+def test_bench_onnx_digits_trains_exports_and_compares_accuracy(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    results = tmp_path / "digits.json"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_onnx_digits.py"), "--max-train-steps", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command + ["--json", str(results)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(results.read_text())
+    assert results["test images"] == 360
+    assert results["onnxruntime fp32 accuracy"] == results["pytorch fp32 accuracy"]  # same logits up to 1e-4
+    assert results["fp32 max abs logit diff"] < 1e-4
+    assert 0 <= results["onnxruntime int8 accuracy"] <= 1
