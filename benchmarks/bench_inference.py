@@ -4,7 +4,12 @@ Contenders, for each dtype and batch size (weights cast with `.to(dtype)`, as `f
   transformers eager    ViTForImageClassification, sdpa attention
   transformers compile  torch.compile(model), default settings
   hf_vit eager          VisionTransformerForImageClassification, sdpa attention: the normal path
-  hf_vit fast           model.compile_for_speed(): the one documented extra call
+  hf_vit compile        torch.compile(model), default settings
+  onnxruntime fp32      hf_vit exported by `hf_vit.onnx_export` (onnx/model.onnx), ONNX Runtime's CPU provider
+  onnxruntime int8      the same export quantized (onnx/model_quantized.onnx: int8 weights, dynamic quantization)
+The ONNX Runtime rows run in the fp32 pass (the export is float32), on CPU, with the hf_vit model's weights, and need
+the `onnx` extra; `--no-onnx` leaves them out. Percentages are of the roofline: the fastest GEMM torch offers in the
+dtype (ATen/MKL or oneDNN, plain or pre-packed weights; each is printed), times the model's analytic FLOPs.
 
 Usage:
     python benchmarks/bench_inference.py                       # fp32 and bf16, batch 1, 8, 32 (about 6 minutes)
@@ -14,9 +19,12 @@ Usage:
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -34,14 +42,16 @@ from common import (  # noqa: E402
     comparison_columns,
     format_table,
     forward_flops,
+    gemm_peaks,
     hardware,
     interleaved,
     machine,
-    matmul_peak,
     max_logit_difference,
     memory_lines,
+    merge_peaks,
     our_config,
     peak_memory_mib,
+    peak_text,
     top_ops,
     warm,
     write_json,
@@ -52,7 +62,7 @@ def contenders(models: dict[str, torch.nn.Module], compile_too: bool) -> dict[st
     runs = {f"{THEIRS} eager": models[THEIRS].eval(), f"{OURS} eager": models[OURS].eval()}
     if compile_too:
         runs[f"{THEIRS} compile"] = torch.compile(models[THEIRS])
-        runs[f"{OURS} fast"] = models[OURS].compile_for_speed()
+        runs[f"{OURS} compile"] = torch.compile(models[OURS])
     return runs
 
 
@@ -60,12 +70,40 @@ def forward_call(model: torch.nn.Module, pixel_values: torch.Tensor):
     return lambda: model(pixel_values)
 
 
+ORT = ("onnxruntime fp32", "onnxruntime int8")
+
+
+def onnx_sessions(model: torch.nn.Module, workdir: str, threads: int) -> tuple[dict[str, object], dict[str, object]]:
+    """ONNX Runtime sessions of `model`'s fp32 and int8 exports (written and checked by `hf_vit.onnx_export`)."""
+    import onnxruntime  # noqa: PLC0415
+
+    from hf_vit.onnx_export import FP32_FILE, INT8_FILE, ONNX_DIR, export_onnx  # noqa: PLC0415
+
+    check = export_onnx(model, workdir, quantize=True)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # Idle ORT threads would otherwise spin on the cores the next contender runs on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {
+        name: onnxruntime.InferenceSession(
+            os.path.join(workdir, ONNX_DIR, file), options, providers=["CPUExecutionProvider"]
+        )
+        for name, file in zip(ORT, (FP32_FILE, INT8_FILE), strict=True)
+    }
+    return sessions, check
+
+
+def session_call(session, pixel_values: torch.Tensor):
+    inputs = {"pixel_values": pixel_values.numpy()}
+    return lambda: session.run(["logits"], inputs)
+
+
 def make_step(spec: dict[str, object]):
     """One contender's forward on a fixed batch (the memory probe builds exactly what the timing loop runs)."""
     config = our_config(tiny=spec["tiny"])
     dtype, device = DTYPES[spec["dtype"]], spec.get("device", "cpu")
     models = build_models(config, dtype, device=device)
-    model = contenders(models, compile_too=spec["run"].endswith(("compile", "fast")))[spec["run"]]
+    model = contenders(models, compile_too=spec["run"].endswith("compile"))[spec["run"]]
     pixel_values = torch.randn(spec["batch"], 3, config.image_size, config.image_size, dtype=dtype, device=device)
 
     def step():
@@ -78,16 +116,21 @@ def make_step(spec: dict[str, object]):
 def run(args: argparse.Namespace) -> dict[str, object]:
     config = our_config(tiny=args.tiny)
     flops = forward_flops(config)
-    rows, peaks, device = [], {}, args.device
+    rows, peaks, device, onnx_checks = [], {}, args.device, {}
+    workdir = tempfile.mkdtemp(prefix="bench-onnx-")
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        peaks[dtype_name] = matmul_peak(dtype, tiny=args.tiny, device=device)
+        peaks[dtype_name] = gemm_peaks(dtype, tiny=args.tiny, device=device)
         models = build_models(config, dtype, device=device)
+        sessions = {}
+        if args.onnx and dtype_name == "fp32":
+            sessions, onnx_checks = onnx_sessions(models[OURS], workdir, args.threads)
         for batch in args.batch_sizes:
             pixel_values = torch.randn(batch, 3, config.image_size, config.image_size, dtype=dtype, device=device)
             # Fresh compiled wrappers per batch size, so each one is specialised to its shape.
             runs = contenders(models, compile_too=args.compile)
             calls = {name: forward_call(model, pixel_values) for name, model in runs.items()}
+            calls.update({name: session_call(session, pixel_values) for name, session in sessions.items()})
             with torch.inference_mode():
                 warm_seconds = {name: warm(call, device) for name, call in calls.items()}
                 difference = max_logit_difference(models, pixel_values)
@@ -95,29 +138,33 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 seconds = interleaved(calls, rounds=args.rounds, calls=per_round, device=device)
                 if args.profile:
                     for name, call in calls.items():
-                        print(f"\n{name}, {dtype_name}, batch {batch}:\n{top_ops(call, device=device)}", flush=True)
-            peaks[dtype_name] = max(peaks[dtype_name], matmul_peak(dtype, tiny=args.tiny, repeats=3, device=device))
+                        if name not in ORT:
+                            print(
+                                f"\n{name}, {dtype_name}, batch {batch}:\n{top_ops(call, device=device)}", flush=True
+                            )
+            peaks[dtype_name] = merge_peaks(peaks[dtype_name], gemm_peaks(dtype, args.tiny, repeats=3, device=device))
             row = {
                 "dtype": dtype_name,
                 "batch": batch,
-                **compare(seconds, batch, roofline=peaks[dtype_name] * 1e9 / flops),
+                **compare(seconds, batch, roofline=max(peaks[dtype_name].values()) * 1e9 / flops),
                 "max |logit diff|": difference,
                 "first call s": {name: first for name, (first, _) in warm_seconds.items()},
             }
             rows.append(row)
             print(
-                f"  {dtype_name} batch {batch}: " + ", ".join(f"{n} {row[f'{n} img/s']:.2f}" for n in runs),
+                f"  {dtype_name} batch {batch}: " + ", ".join(f"{n} {row[f'{n} img/s']:.2f}" for n in calls),
                 f"(row {json.dumps(row)})",
                 flush=True,
             )
-        del models
+        del models, sessions
+    shutil.rmtree(workdir, ignore_errors=True)
 
     memory = []
     if not args.no_memory:
         batch = 8 if 8 in args.batch_sizes else args.batch_sizes[0]
         for dtype_name in args.dtypes:
             entry = {"dtype": dtype_name, "batch": batch}
-            for name in [f"{THEIRS} eager", f"{OURS} eager"] + ([] if not args.compile else [f"{OURS} fast"]):
+            for name in [f"{THEIRS} eager", f"{OURS} eager"] + ([] if not args.compile else [f"{OURS} compile"]):
                 spec = {"kind": "inference", "run": name, "dtype": dtype_name, "batch": batch, "tiny": args.tiny}
                 result = peak_memory_mib({**spec, "threads": args.threads, "device": device})
                 entry[f"{name} MiB"] = result["above_weights"] if result else None
@@ -126,25 +173,36 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "machine": machine(device),
         "matmul_peak_gflops": peaks,
         "forward_gflop": flops / 1e9,
+        "onnx_check": onnx_checks,
         "rows": rows,
         "memory": memory,
     }
 
 
 def report(results: dict[str, object], compiled: bool) -> str:
-    columns = [("dtype", "dtype", "{}"), ("batch", "batch", "{}")] + comparison_columns(compiled)
+    extra = ORT if results["onnx_check"] else ()
+    columns = [("dtype", "dtype", "{}"), ("batch", "batch", "{}")] + comparison_columns(compiled, extra)
     columns.append(("max |logit diff|", "max abs logit diff", "{:.1e}"))
     meta = results["machine"]
-    peaks = ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in results["matmul_peak_gflops"].items())
+    peaks = peak_text(results["matmul_peak_gflops"])
     lines = [
         f"Inference, {meta['date']}, {hardware(meta)}, "
         f"load {meta['load_average_1min']:.1f}, torch {meta['torch']}, "
         f"transformers {meta['transformers']})",
-        f"forward {results['forward_gflop']:.2f} GFLOP/image; matmul peak {peaks}; ratios are paired medians "
-        "(> 1: hf_vit faster); best = the faster of eager and compile for each.",
+        f"forward {results['forward_gflop']:.2f} GFLOP/image; matmul peak (the fastest GEMM) {peaks}; ratios are "
+        "paired medians (> 1: hf_vit faster); best = the faster of eager and compile for each.",
         "",
         format_table(results["rows"], columns),
     ]
+    check = results["onnx_check"]
+    if check:
+        lines += [
+            "",
+            f"ONNX Runtime {check['onnxruntime']}, opset {check['opset']}: fp32 max abs logit diff to PyTorch "
+            f"{check['max_abs_diff']:.1e}; int8 top-1 agreement {check['int8_top1_agreement']:.0%}, max logit change "
+            f"{check['int8_max_abs_diff']:.1e} (logits span {check['logit_range']:.2g}; {check['num_images']} random "
+            "images).",
+        ]
     lines += memory_lines(
         results["memory"],
         [("dtype", "dtype", "{}"), ("batch", "batch", "{}")],
@@ -158,7 +216,18 @@ def main() -> None:
     add_common_arguments(parser, compile_default=True)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default 1 8 32 (tiny: 1 2)")
+    parser.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the ONNX Runtime fp32 and int8 exports too (CPU, fp32 pass; default: where onnxruntime is installed)",
+    )
     args = parser.parse_args()
+    installed = importlib.util.find_spec("onnxruntime") is not None
+    if args.onnx and not installed:
+        parser.error("--onnx needs onnx, onnxruntime and onnxscript: pip install 'hf_vit[onnx]', or pass --no-onnx")
+    # The export is float32 and runs on ONNX Runtime's CPU provider.
+    args.onnx = (installed if args.onnx is None else args.onnx) and args.device == "cpu" and "fp32" in args.dtypes
     check_device(parser, args.device)
     args.batch_sizes = args.batch_sizes or ([1, 2] if args.tiny else [1, 8, 32])
     args.rounds = args.rounds or (1 if args.tiny else 3)

@@ -133,29 +133,74 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(dtype: torch.dtype, tiny: bool = False, repeats: int = 7, device: str = "cpu") -> float:
+def _gemm_candidates(inputs: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """`inputs @ weight.T` through every GEMM the installed torch offers on CPU (oneDNN's are private ops)."""
+    candidates = {
+        "ATen matmul": lambda: torch.matmul(inputs, weight.t()),  # MKL's sgemm for fp32 where torch has MKL
+        "ATen linear": lambda: torch.nn.functional.linear(inputs, weight),
+    }
+    mkldnn = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")):
+        return candidates
+    candidates["oneDNN linear"] = lambda: mkldnn._linear_pointwise(inputs, weight, None, "none", [], "")
+    try:  # the pre-packed weights inductor's freezing uses; bf16 needs AVX-512 (or AVX-NE-CONVERT) here
+        packed = mkldnn._reorder_linear_weight(weight, inputs.shape[0])
+        candidates["oneDNN packed"] = lambda: mkldnn._linear_pointwise(inputs, packed, None, "none", [], "")
+        dense_inputs, dense_weight = inputs.to_mkldnn(), weight.to_mkldnn()
+        candidates["oneDNN mkldnn tensors"] = lambda: torch._C._nn.mkldnn_linear(dense_inputs, dense_weight, None)
+    except RuntimeError:
+        pass
+    return candidates
+
+
+def gemm_peaks(dtype: torch.dtype, tiny: bool = False, repeats: int = 7, device: str = "cpu") -> dict[str, float]:
     """
-    Best GFLOP/s of a matmul in `dtype`, the roofline every % refers to: on CPU the ViT-B MLP matmuls (batch 8 at 224),
-    on a GPU an 8192-cube product (ViT-B's own matmuls are too small to reach a GPU's dense peak).
+    Best GFLOP/s of each GEMM torch offers in `dtype` (ATen/MKL and oneDNN on CPU, `F.linear` on a GPU): on CPU on the
+    ViT-B MLP matmuls (batch 8 at 224), on a GPU an 8192-cube product (ViT-B's own matmuls are too small to reach a
+    GPU's dense peak). A GEMM this CPU cannot run in `dtype` (oneDNN bf16 without AVX512-BF16) is left out.
     """
     if tiny:
         rows, hidden, mlp = 64, 64, 128
     else:
         rows, hidden, mlp = (8 * 197, 768, 3072) if device == "cpu" else (8192, 8192, 8192)
-    best = 0.0
+    best: dict[str, float] = {}
     with torch.inference_mode():
         for fan_in, fan_out in ((hidden, mlp), (mlp, hidden)):
             inputs = torch.randn(rows, fan_in, dtype=dtype, device=device)
             weight = torch.randn(fan_out, fan_in, dtype=dtype, device=device)
-            for _ in range(2):
-                torch.nn.functional.linear(inputs, weight)
-            for _ in range(repeats):
-                synchronize(device)
-                start = time.perf_counter()
-                torch.nn.functional.linear(inputs, weight)
-                synchronize(device)
-                best = max(best, 2 * rows * fan_in * fan_out / (time.perf_counter() - start) / 1e9)
+            if device == "cpu":
+                candidates = _gemm_candidates(inputs, weight)
+            else:
+                candidates = {"F.linear": lambda: torch.nn.functional.linear(inputs, weight)}  # noqa: B023
+            for name, gemm in candidates.items():
+                try:
+                    for _ in range(2):
+                        gemm()
+                except RuntimeError:  # e.g. "could not create a primitive descriptor": not on this CPU
+                    continue
+                for _ in range(repeats):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    gemm()
+                    synchronize(device)
+                    gflops = 2 * rows * fan_in * fan_out / (time.perf_counter() - start) / 1e9
+                    best[name] = max(best.get(name, 0.0), gflops)
     return best
+
+
+def merge_peaks(old: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """Each GEMM's best of two measurements."""
+    return {name: max(old.get(name, 0.0), new.get(name, 0.0)) for name in {**old, **new}}
+
+
+def peak_text(peaks: dict[str, dict[str, float]]) -> str:
+    """'fp32 166 GFLOP/s (oneDNN packed; ATen matmul 155, ...)': the roofline of each dtype and what it came from."""
+    parts = []
+    for dtype, gemms in peaks.items():
+        fastest = max(gemms, key=gemms.get)
+        others = ", ".join(f"{name} {gflops:.0f}" for name, gflops in gemms.items() if name != fastest)
+        parts.append(f"{dtype} {gemms[fastest]:.0f} GFLOP/s ({fastest}" + (f"; {others})" if others else ")"))
+    return "; ".join(parts)
 
 
 def interleaved(
@@ -239,12 +284,13 @@ def machine(device: str = "cpu") -> dict[str, object]:
 
 
 def compare(seconds: dict[str, list[float]], batch: int, roofline: float) -> dict[str, object]:
-    """img/s of every contender, the faster run of each side, paired ratios and the share of `roofline` (img/s)."""
+    """img/s and share of `roofline` (img/s) of every contender, the faster run of each side, paired ratios."""
     medians = {name: statistics.median(times) for name, times in seconds.items()}
     best_theirs = min((name for name in seconds if name.startswith(THEIRS)), key=medians.get)
     best_ours = min((name for name in seconds if name.startswith(OURS)), key=medians.get)
     return {
         **{f"{name} img/s": batch / medians[name] for name in seconds},
+        **{f"{name} % roofline": 100 * batch / medians[name] / roofline for name in seconds},
         "transformers best": best_theirs.split(" ", 1)[1],
         "hf_vit best": best_ours.split(" ", 1)[1],
         "ratio eager": paired_ratio(seconds[f"{THEIRS} eager"], seconds[f"{OURS} eager"]),
@@ -255,16 +301,21 @@ def compare(seconds: dict[str, list[float]], batch: int, roofline: float) -> dic
     }
 
 
-def comparison_columns(compiled: bool) -> list[tuple[str, str, str]]:
+def comparison_columns(compiled: bool, extra: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
     """The table columns of `compare`'s rows: each contender's img/s, the ratios, the roofline shares."""
     names = [f"{THEIRS} eager"] + ([f"{THEIRS} compile"] if compiled else []) + [f"{OURS} eager"]
-    names += [f"{OURS} fast"] if compiled else []
-    return [(f"{name} img/s", f"{name} img/s", "{:.2f}") for name in names] + [
-        ("ratio eager", "eager / eager", "{:.2f}x"),
-        ("ratio best", "best / best", "{:.2f}x"),
-        ("hf_vit % roofline", "hf_vit % roofline", "{:.0f}%"),
-        ("transformers % roofline", "transformers % roofline", "{:.0f}%"),
-    ]
+    names += [f"{OURS} compile"] if compiled else []
+    names += list(extra)
+    return (
+        [(f"{name} img/s", f"{name} img/s", "{:.2f}") for name in names]
+        + [
+            ("ratio eager", "eager / eager", "{:.2f}x"),
+            ("ratio best", "best / best", "{:.2f}x"),
+            ("hf_vit % roofline", "hf_vit % roofline", "{:.0f}%"),
+            ("transformers % roofline", "transformers % roofline", "{:.0f}%"),
+        ]
+        + [(f"{name} % roofline", f"{name} % roofline", "{:.0f}%") for name in extra]
+    )
 
 
 def memory_lines(memory: list[dict[str, object]], key_columns: list[tuple[str, str, str]], title: str) -> list[str]:
@@ -368,7 +419,7 @@ def _probe(spec: dict[str, object]) -> dict[str, float]:
 
     torch.set_num_threads(int(spec.get("threads", 2)))
     step = importlib.import_module(f"bench_{spec['kind']}").make_step(spec)
-    if spec["run"].endswith(("compile", "fast")):
+    if spec["run"].endswith("compile"):
         warm(step, spec.get("device", "cpu"))
     if spec.get("device", "cpu") == "cuda":
         torch.cuda.synchronize()

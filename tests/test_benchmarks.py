@@ -38,12 +38,29 @@ def test_weight_mapping_covers_every_transformers_key():
 
 def test_bench_inference_prints_its_table(tmp_path):
     results = tmp_path / "inference.json"
-    out = run_script("bench_inference.py", "--no-compile", "--dtypes", "fp32", "--json", str(results))
+    out = run_script("bench_inference.py", "--no-compile", "--no-onnx", "--dtypes", "fp32", "--json", str(results))
     assert "| dtype | batch | transformers eager img/s |" in out
     assert "Peak resident memory" in out
-    rows = json.loads(results.read_text())["rows"]
+    results = json.loads(results.read_text())
+    rows = results["rows"]
     assert [row["batch"] for row in rows] == [1, 2]
     assert all(row["max |logit diff|"] < 1e-4 for row in rows)  # both models hold the same weights
+    # The roofline is the fastest of the GEMMs measured (each printed), not one chosen library's.
+    peaks = results["matmul_peak_gflops"]["fp32"]
+    assert {"ATen matmul", "ATen linear"} <= set(peaks)
+    fastest = max(peaks.values()) / results["forward_gflop"]
+    assert rows[-1]["roofline img/s"] == pytest.approx(fastest) and f"fp32 {max(peaks.values()):.0f} GFLOP/s (" in out
+
+
+def test_bench_inference_times_onnx_runtime_beside_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    results = tmp_path / "inference.json"
+    out = run_script("bench_inference.py", "--no-compile", "--no-memory", "--dtypes", "fp32", "--json", str(results))
+    assert "onnxruntime fp32 img/s | onnxruntime int8 img/s" in out
+    results = json.loads(results.read_text())
+    assert results["onnx_check"]["max_abs_diff"] < 1e-4
+    assert all(row["onnxruntime int8 img/s"] > 0 for row in results["rows"])
 
 
 def test_bench_train_prints_its_table(tmp_path):
@@ -92,21 +109,24 @@ def test_bench_conversion_prints_its_table(tmp_path):
     assert not (tmp_path / "out").exists()  # every probe's output folder is removed
 
 
-# The fast path the benchmarks measure: without gradients on CPU, each Linear (+GELU) is one oneDNN call.
+# The fast path the benchmarks measure: without gradients on CPU, each Linear (+GELU on AVX-512) is one oneDNN call.
 needs_onednn = pytest.mark.skipif(modeling_hf_vit._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
 
 
 @needs_onednn
+@pytest.mark.parametrize("fuse_activation", [True, False], ids=["gelu-fused", "gelu-after"])
 @pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu"])
-def test_onednn_inference_matches_the_autograd_path(monkeypatch, pixel_values, hidden_act):
+def test_onednn_inference_matches_the_autograd_path(monkeypatch, pixel_values, hidden_act, fuse_activation):
     model = randomize_(VisionTransformerForImageClassification(tiny_config(hidden_act=hidden_act))).eval()
     reference = model(pixel_values).logits.detach()  # gradients on: nn.Linear and ACT2FN
     calls = []
     onednn = modeling_hf_vit._ONEDNN_LINEAR
     monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_LINEAR", lambda *args: calls.append(args[3]) or onednn(*args))
+    # Fused on AVX-512 CPUs, after the matmul on the others: both paths run here whatever this CPU has.
+    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_FUSES_ACTIVATION", fuse_activation)
     with torch.no_grad():
         logits = model(pixel_values).logits
-    assert calls.count("gelu") == 2 and len(calls) == 2 * 6  # fc1 + GELU fused; query, key, value, out, fc2 plain
+    assert calls.count("gelu") == (2 if fuse_activation else 0) and len(calls) == 2 * 6  # q, k, v, out, fc1, fc2
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
 
 
@@ -132,3 +152,18 @@ def test_bench_finetune_runs_the_real_script_and_prints_its_table(tmp_path):
     (row,) = json.loads(results.read_text())["rows"]
     assert row["torch_compile"] is False and row["images_per_second"] > 0 and row["loader_images_per_second"] > 0
     assert row["vit_jax 500 steps (min)"] == pytest.approx(500 * 512 / row["images_per_second"] / 60)
+
+
+def test_bench_onnx_digits_trains_exports_and_compares_accuracy(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    results = tmp_path / "digits.json"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_onnx_digits.py"), "--max-train-steps", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command + ["--json", str(results)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(results.read_text())
+    assert results["test images"] == 360
+    assert results["onnxruntime fp32 accuracy"] == results["pytorch fp32 accuracy"]  # same logits up to 1e-4
+    assert results["fp32 max abs logit diff"] < 1e-4
+    assert 0 <= results["onnxruntime int8 accuracy"] <= 1
