@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
     parser.add_argument("--verify-images", type=int, default=2, help="random inputs used by verification")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write onnx/model.onnx, checked with ONNX Runtime (needs hf_vit[onnx])",
+    )
+    parser.add_argument(
+        "--onnx-quantize", action="store_true", help="also write onnx/model_quantized.onnx (int8 dynamic quantization)"
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size")
     parser.add_argument("--cache-dir", help="where official checkpoints are downloaded (default: ~/.cache/hf_vit)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="create REPO_ID and upload once verification passed")

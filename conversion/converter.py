@@ -51,6 +51,8 @@ class Options:
     verify: bool = True
     verify_images: int = 2
     overwrite: bool = False
+    onnx: bool = False
+    onnx_quantize: bool = False
     max_shard_size: int | str = "5GB"
     cache_dir: str | os.PathLike | None = None
     push_to_hub: str | None = None
@@ -96,6 +98,8 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options)
         export: `"hf_vit"`, or `"transformers-vit"` for stock `transformers.ViTForImageClassification`.
         verify: compare with the NumPy reference of the Flax model and fail above 1e-4 (float32 compute).
         overwrite: replace a non-empty `output_dir` (only once the new folder is complete).
+        onnx: also write `onnx/model.onnx` (float32, any batch size), checked with ONNX Runtime against the PyTorch
+            logits (`hf_vit.onnx_export`); `onnx_quantize`: and `onnx/model_quantized.onnx` (int8). Needs hf_vit[onnx].
         push_to_hub: a repo id to create and upload to once verification passed; `private`, `revision` (a branch).
         source_image_size: the pre-training resolution when the position embeddings are not a square grid.
         num_heads: the number of attention heads of a seed `.bin` whose sizes match no named variant.
@@ -148,6 +152,8 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options)
             sha256 = resolved.sha256 or file_sha256(resolved.path)
             card = card_info(resolved, family, arch, target, options, sha256, num_parameters, verification, output_dir)
             (temporary / "README.md").write_text(render_model_card(card), encoding="utf-8")
+            if options.onnx or options.onnx_quantize:
+                export_onnx_files(temporary, options.onnx_quantize, say)
             move_into_place(temporary, output_dir, options.overwrite)
     finally:
         checkpoint.close()
@@ -188,6 +194,13 @@ def check_options(options: Options) -> None:
         raise ConversionError(f"num_labels must be a positive integer, got {labels!r}.")
     if options.push_to_hub and not options.verify:
         raise ConversionError("--push-to-hub uploads only verified conversions: drop --no-verify.")
+    if options.onnx or options.onnx_quantize:
+        from hf_vit.onnx_export import OnnxExportError, require_onnx
+
+        try:
+            require_onnx()
+        except OnnxExportError as error:
+            raise ConversionError(f"--onnx: {error}") from None
     if options.verify_images < 1:
         raise ConversionError(f"verify_images must be at least 1, got {options.verify_images}.")
     parse_size(options.image_size, "image_size")
@@ -196,6 +209,20 @@ def check_options(options: Options) -> None:
         convert_file_size_to_int(options.max_shard_size)
     except (ValueError, TypeError):
         raise ConversionError(f"max_shard_size must be bytes or like '5GB', got {options.max_shard_size!r}.") from None
+
+
+def export_onnx_files(folder: Path, quantize: bool, say) -> None:
+    """onnx/ files beside the weights, each checked with ONNX Runtime; the card gets their section."""
+    from hf_vit.onnx_export import OnnxExportError, export_onnx
+
+    try:
+        result = export_onnx(folder, quantize=quantize)
+    except OnnxExportError as error:
+        raise ConversionError(f"ONNX export: {error}") from None
+    figures = f"float32 max |logit diff| {result['max_abs_diff']:.1e}"
+    if quantize:
+        figures += f", int8 top-1 agreement {result['int8_top1_agreement']:.0%}"
+    say(f"wrote {', '.join(result['files'])}, checked with ONNX Runtime: {figures}")
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:

@@ -57,7 +57,7 @@ def verification_images(num_images: int, channels: int, height: int, width: int,
     return rng.uniform(-1.0, 1.0, size=(num_images, channels, height, width)).astype(np.float32)
 
 
-def _require_onnx():
+def require_onnx():
     try:
         import onnx  # noqa: PLC0415, F401
         import onnxruntime  # noqa: PLC0415
@@ -134,7 +134,7 @@ def export_onnx(
     True
     ```
     """
-    onnxruntime = _require_onnx()
+    onnxruntime = require_onnx()
     if isinstance(model_or_dir, nn.Module):
         if output_dir is None:
             raise OnnxExportError("export_onnx(model) needs output_dir: the folder to write onnx/ into.")

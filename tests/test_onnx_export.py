@@ -139,3 +139,23 @@ def test_cli_exports_and_reports_the_check(tmp_path):
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith(f"wrote onnx/model.onnx, onnx/model_quantized.onnx into {tmp_path}: float32 max abs diff")
     assert "int8 top-1 agreement" in last
+
+
+@pytest.mark.parametrize("export", ["hf_vit", "transformers-vit"])
+def test_hf_vit_convert_onnx_writes_checked_files_into_the_converted_folder(export, tmp_path):
+    from conversion.cli import main as convert_cli
+    from conversion.testing import write_random_npz
+
+    npz = write_random_npz(tmp_path / "tiny.npz", num_classes=5)
+    output = tmp_path / "out"
+    arguments = [str(npz), str(output), "--export", export, "--onnx", "--onnx-quantize", "--quiet"]
+    assert convert_cli(arguments) == 0
+    assert sorted(p.name for p in (output / "onnx").iterdir()) == ["model.onnx", "model_quantized.onnx"]
+    model = ViTForImageClassification if export == "transformers-vit" else VisionTransformerForImageClassification
+    model = model.from_pretrained(output)
+    pixel_values = torch.from_numpy(onnx_export.verification_images(3, 3, 32, 32))
+    np.testing.assert_allclose(
+        onnx_logits(output / "onnx" / "model.onnx", pixel_values), torch_logits(model, pixel_values), atol=1e-4
+    )
+    assert "onnx/model_quantized.onnx" in (output / "README.md").read_text()
+    assert not list(tmp_path.glob(".out.partial-*"))
