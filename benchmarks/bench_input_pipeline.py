@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import io
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ import hf_vit
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))  # finetune.py imports its neighbour run_folder.py, as when run as a script
 _spec = importlib.util.spec_from_file_location("finetune", ROOT / "examples" / "finetune.py")
 finetune = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(finetune)

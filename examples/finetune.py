@@ -60,9 +60,13 @@ import conversion
 import hf_vit  # registers model_type "hf_vit" with the Auto classes
 from conversion.model_card import CITATION_BIBTEX
 from conversion.sources import COLLECTIONS, official_url
-from hf_vit.configuration_hf_vit import VARIANTS, canonical_variant_name
+from hf_vit.configuration_hf_vit import VARIANTS, canonical_variant_name, variant_display_name
 from hf_vit.modeling_hf_vit import resample_position_embeddings
-from run_folder import (
+
+
+# The bookkeeping module beside this script, also when the script is loaded from elsewhere (tests, benchmarks).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_folder import (  # noqa: E402
     RunFolderError,
     checkpoint_folders,
     checkpoint_to_resume,
@@ -565,7 +569,7 @@ def official_names() -> list[str]:
 
 
 def variant_names() -> list[str]:
-    return [f"ViT-{variant.replace('/', '_')}" for variant in VARIANTS]
+    return [variant_display_name(variant) for variant in VARIANTS]
 
 
 def looks_like_a_path(name: str) -> bool:

@@ -48,7 +48,6 @@ QUICK = [
 
 
 def load_finetune():
-    sys.path.insert(0, str(SCRIPT.parent))  # finetune.py imports its neighbour run_folder.py, as when run as a script
     spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
