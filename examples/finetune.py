@@ -436,8 +436,10 @@ def decode_splits(splits: dict[str, datasets.Dataset], enabled: bool | None, sho
                         names.append(image.get("path") or "an image stored in the dataset")
                     elif split_name == "train" and train_pixels is not None:
                         pixels = np.asarray(decoded)
-                        same_size = not train_pixels or pixels.shape == train_pixels[0].shape
-                        train_pixels = train_pixels + [pixels] if same_size else None
+                        if train_pixels and pixels.shape != train_pixels[0].shape:
+                            train_pixels = None  # mixed sizes: the worker path resizes them per batch
+                        else:
+                            train_pixels.append(pixels)
                 progress.update(min(512, len(split) - start))
     if unreadable:
         raise UsageError(
