@@ -25,6 +25,16 @@ class Family:
     reference_params: Callable[[object, Architecture], Mapping[str, np.ndarray]]
     hidden_act: str = "gelu_pytorch_tanh"  # Flax nn.gelu is the tanh approximation
     seed: bool = False  # a seed-repo fine-tune (the model card says so)
+    # Optional, for a family with a stem before the patch embedding (the R+ViT hybrids' ResNet):
+    # (checkpoint, architecture) -> the stem's rules, appended to `table`
+    stem_rules: Callable[[object, Architecture], tuple[Rule, ...]] | None = None
+    # (checkpoint, architecture, images (B, C, H, W), dtype) -> the stem's feature map (B, C', H', W') in the
+    # reference, which `conversion.reference.flax_vit_forward` then takes as its images
+    reference_stem: Callable[[object, Architecture, np.ndarray, str], np.ndarray] | None = None
+
+    def rules(self, checkpoint, arch: Architecture) -> tuple[Rule, ...]:
+        """Every rule of a checkpoint of this family: the table, then the stem's."""
+        return self.table + (self.stem_rules(checkpoint, arch) if self.stem_rules else ())
 
 
 class RenamedParams:
@@ -40,10 +50,10 @@ class RenamedParams:
         return self.to_flax(name, self.checkpoint.load(self.checkpoint_key(name)))
 
 
-from . import big_vision, seed, vit_jax  # noqa: E402  (the modules import Family from here)
+from . import big_vision, hybrid, seed, vit_jax  # noqa: E402  (the modules import Family from here)
 
 
-FAMILIES: tuple[Family, ...] = (seed.FAMILY, big_vision.FAMILY, vit_jax.FAMILY)
+FAMILIES: tuple[Family, ...] = (hybrid.SEED_FAMILY, seed.FAMILY, hybrid.FAMILY, big_vision.FAMILY, vit_jax.FAMILY)
 
 
 def find_family(checkpoint) -> Family:
