@@ -171,3 +171,21 @@ BAD = [
 def test_bad_hybrid_input_is_refused_in_one_line(tmp_path, capsys, make_source, extra, message):
     source = make_source(tmp_path)
     assert_refused(tmp_path, capsys, [source, tmp_path / "out", *extra], message)
+
+
+def test_finetune_starts_from_a_local_hybrid_npz(in_process, tmp_path):
+    from safetensors.torch import load_file
+
+    npz = write_random_hybrid_npz(tmp_path / "R50-tiny.npz")  # full R50 stem, hidden 32, 64 px, 10-way head
+    output = tmp_path / "out"
+    results = in_process(
+        ["--model_name_or_path", str(npz), "--image_size", "32", "--total_batch_size", "8", "--max_train_steps", "2",
+         "--num_warmup_steps", "1", "--eval_steps", "2", "--output_dir", str(output)]
+    )  # fmt: skip
+    assert results["train_steps"] == 2
+    state = load_file(output / "model.safetensors")
+    assert "transformer.embeddings.hybrid_model.body.block3.unit9.conv3.weight" in state
+    # 32 px through the stem is a 2x2 feature map: the position embeddings were resampled to its grid
+    assert state["transformer.embeddings.position_embeddings"].shape == (1, 1 + 2 * 2, 32)
+    config = json.loads((output / "config.json").read_text())
+    assert config["resnet_num_layers"] == [3, 4, 9] and config["image_size"] == 32

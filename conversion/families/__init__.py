@@ -1,7 +1,9 @@
 """Checkpoint families: each is a key table, a detector and its part of the reference, in a module of its own.
 
 A new family (e.g. the ResNet+ViT hybrids) is a new module defining a `Family`, listed in `FAMILIES` before any family
-that would claim its files; the pipeline (`conversion.pipeline`) does not change.
+that would claim its files; the pipeline (`conversion.converter`) does not change. A family whose models have a stem
+before the patch embedding (`hybrid`: the R+ViT ResNet) adds its rules (`stem_rules`), its part of the reference
+(`reference_stem`) and its config fields and strides (`Architecture.stem*`, `extra_config`).
 """
 
 from collections.abc import Callable, Mapping
