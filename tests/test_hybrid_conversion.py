@@ -189,3 +189,40 @@ def test_finetune_starts_from_a_local_hybrid_npz(in_process, tmp_path):
     assert state["transformer.embeddings.position_embeddings"].shape == (1, 1 + 2 * 2, 32)
     config = json.loads((output / "config.json").read_text())
     assert config["resnet_num_layers"] == [3, 4, 9] and config["image_size"] == 32
+
+
+class ShapesOnly:
+    """A checkpoint of which only the headers are known (zeros when loaded): the full-size layouts, cheaply."""
+
+    kind, path = "npz", "R50+ViT-B_16.npz"
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def keys(self):
+        return list(self.shapes)
+
+    def shape(self, key):
+        return tuple(self.shapes[key])
+
+    def load(self, key):
+        return np.zeros(self.shapes[key], np.float32)
+
+
+@pytest.mark.parametrize("image_size, grid", [(None, (14, 14)), (384, (24, 24))])
+def test_the_imagenet21k_r50_layout_plans_onto_the_model(image_size, grid):
+    from test_hybrid import r50_vit_b16_imagenet21k_shapes
+
+    from conversion import converter
+    from conversion.families import find_family
+
+    checkpoint = ShapesOnly(r50_vit_b16_imagenet21k_shapes())
+    options = converter.Options(variant="R50+ViT-B_16", image_size=image_size)
+    family = find_family(checkpoint)
+    arch = converter.detect_architecture(family, checkpoint, options)
+    assert family.name == "vit_jax hybrid .npz" and arch.image_size == (224, 224) and arch.num_channels == 3
+    target = converter.decide_target(family, checkpoint, arch, options, say=lambda line: None)
+    assert target.feature_extractor and target.grid == grid  # the zero head: a feature extractor, as for plain ViT
+    plan = converter.plan_tensors(family, checkpoint, arch, target, say=lambda line: None)  # checks the meta model
+    dropped = 21843 * 768 + 21843  # the zeroed head
+    assert sum(int(np.prod(e.shape)) for e in plan.entries) + dropped == 115_277_971 + (grid[0] * grid[1] - 196) * 768
