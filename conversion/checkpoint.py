@@ -37,6 +37,11 @@ class Architecture:
     num_classes: int
     classifier: str  # "token" or "gap"
     representation_size: int | None  # pre_logits width, None without pre_logits
+    # A stem before the patch embedding (the ResNet of the R+ViT hybrids), described by its family; none by default:
+    stem: str = ""  # for describe(), e.g. "ResNet (3, 4, 9) width 64"
+    stem_stride: int = 1  # input pixels per feature-map pixel the patch embedding sees
+    stem_channels: int | None = None  # channels of the feature map the patch embedding sees (None: num_channels)
+    extra_config: tuple[tuple[str, object], ...] = ()  # config fields the stem adds, as (name, value) pairs
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -44,12 +49,18 @@ class Architecture:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1]
+        return self.grid[0] * self.pixels_per_token[0], self.grid[1] * self.pixels_per_token[1]
+
+    @property
+    def pixels_per_token(self) -> tuple[int, int]:
+        """Input pixels per position-embedding cell: the patch, times the stem's stride."""
+        return self.patch_size[0] * self.stem_stride, self.patch_size[1] * self.stem_stride
 
     def describe(self) -> str:
         patch = self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else "x".join(map(str, self.patch_size))
         height, width = self.image_size
-        parts = [
+        parts = [self.stem] if self.stem else []
+        parts += [
             f"hidden {self.hidden_size}",
             f"{self.num_layers} layers",
             f"{self.num_heads} heads" if self.num_heads else "heads unknown",

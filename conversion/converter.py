@@ -85,8 +85,9 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options)
     Convert an original ViT checkpoint into a folder that `from_pretrained` loads, with the original's logits.
 
     Args:
-        source: a vit_jax or big_vision `.npz`, a seed repo `*_checkpoint.bin` (needs `variant`), or an official name
-            (`"ViT-B_16"`, `"imagenet21k+imagenet2012/ViT-B_16-224"`, an augreg file name) to download.
+        source: a vit_jax or big_vision `.npz`, a seed repo `*_checkpoint.bin` (needs `variant` or `num_heads`), or an
+            official name (`"ViT-B_16"`, `"R50+ViT-B_16"`, `"imagenet21k+imagenet2012/ViT-B_16-224"`, an augreg file
+            name) to download. R+ViT hybrids (`.npz` or seed `.bin`) are detected from their ResNet tensors.
         output_dir: the folder to create; it must not exist or be empty, unless `overwrite`.
         variant: e.g. `"ViT-B_16"`; cross-checks the detected architecture (required for a `.bin`: it has no heads).
         image_size: N or (H, W): resample the position embeddings as vit_jax does (cls row kept, linear zoom).
@@ -250,19 +251,25 @@ def detect_architecture(family: Family, checkpoint, options: Options) -> Archite
     )
     heads = options.num_heads
     if options.variant is not None:
-        from hf_vit.configuration_hf_vit import VARIANTS, canonical_variant_name
+        from hf_vit.configuration_hf_vit import VARIANT_FIELDS, VARIANTS, canonical_variant_name
 
         try:
             name = canonical_variant_name(options.variant)
         except ValueError as error:
             raise ConversionError(str(error)) from None
-        hidden, layers, variant_heads, mlp, patch, _ = VARIANTS[name]
+        row = dict(zip(VARIANT_FIELDS, VARIANTS[name], strict=False))  # a plain ViT's row has no resnet_num_layers
+        hidden, layers, variant_heads = row["hidden_size"], row["num_hidden_layers"], row["num_attention_heads"]
+        mlp, patch, resnet = row["intermediate_size"], row["patch_size"], row.get("resnet_num_layers")
         known = (arch.num_heads,) if arch.num_heads else ()  # a seed checkpoint's heads are not in its shapes
-        expected = (hidden, layers, mlp, (patch, patch)) + ((variant_heads,) if known else ())
-        if expected != (arch.hidden_size, arch.num_layers, arch.mlp_dim, arch.patch_size) + known:
+        expected = (hidden, layers, mlp, (patch, patch), resnet) + ((variant_heads,) if known else ())
+        found = (arch.hidden_size, arch.num_layers, arch.mlp_dim, arch.patch_size)
+        found += (dict(arch.extra_config).get("resnet_num_layers"),) + known
+        if expected != found:
+            stem = f", ResNet stem {list(resnet)}" if resnet is not None else ", no ResNet stem"
             raise ConversionError(
                 f"--variant {options.variant} means hidden {hidden}, {layers} layers, {variant_heads} heads, MLP {mlp}, "
-                f"patch {patch}, but {checkpoint.path} is {arch.describe()}: drop --variant or pass the matching one."
+                f"patch {patch}{stem}, but {checkpoint.path} is {arch.describe()}: drop --variant or pass the "
+                "matching one."
             )
         if heads is not None and heads != variant_heads:
             raise ConversionError(
@@ -289,10 +296,11 @@ def head_is_zero(family: Family, checkpoint) -> bool:
 
 def decide_target(family: Family, checkpoint, arch: Architecture, options: Options, say) -> Target:
     size = parse_size(options.image_size, "image_size") or arch.image_size
-    patch = arch.patch_size
+    patch = arch.pixels_per_token
     if size[0] % patch[0] or size[1] % patch[1]:
+        what = "patch size" if arch.stem_stride == 1 else f"patch size times the stem's stride ({arch.stem_stride})"
         raise ConversionError(
-            f"image_size {size[0]}x{size[1]} is not a multiple of the patch size {patch[0]}x{patch[1]}: choose e.g. "
+            f"image_size {size[0]}x{size[1]} is not a multiple of the {what} {patch[0]}x{patch[1]}: choose e.g. "
             f"{(size[0] // patch[0] or 1) * patch[0]}."
         )
     new_head = options.num_labels
@@ -310,6 +318,11 @@ def decide_target(family: Family, checkpoint, arch: Architecture, options: Optio
     num_labels = arch.num_classes if new_head is None else new_head
     id2label = resolve_labels(options.labels, num_labels, original_head=new_head is None) if num_labels else None
     if options.export == "transformers-vit":
+        if arch.stem:
+            raise ConversionError(
+                f"--export transformers-vit: stock transformers has no hybrid ({arch.stem} before the ViT), which "
+                "this checkpoint is: export hf_vit instead (the default)."
+            )
         if arch.classifier != "token":
             raise ConversionError(
                 "--export transformers-vit: stock ViTForImageClassification pools the class token, but this checkpoint "
@@ -353,6 +366,7 @@ def build_config(arch: Architecture, family: Family, export, image_size, num_lab
         qkv_bias=True,
         **labels,
     )
+    extra = dict(arch.extra_config)  # e.g. the hybrids' resnet_num_layers (hf_vit only: refused for transformers-vit)
     try:
         if export == "transformers-vit":
             from transformers import ViTConfig, ViTForImageClassification
@@ -361,7 +375,9 @@ def build_config(arch: Architecture, family: Family, export, image_size, num_lab
         from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
 
         representation_size = arch.representation_size if keep_pre_logits else None
-        config = VisionTransformerConfig(**common, classifier=arch.classifier, representation_size=representation_size)
+        config = VisionTransformerConfig(
+            **common, **extra, classifier=arch.classifier, representation_size=representation_size
+        )
     except ValueError as error:
         raise ConversionError(f"Cannot build a config for {arch.describe()}: {error}") from None
     return config, VisionTransformerForImageClassification
@@ -382,7 +398,7 @@ def plan_tensors(family: Family, checkpoint, arch: Architecture, target: Target,
     """The family's key table against the checkpoint, then the planned keys and shapes against the model's."""
     plan = plan_conversion(
         checkpoint,
-        family.table,
+        family.rules(checkpoint, arch),
         arch,
         target_grid=target.grid,
         new_head=target.new_head,
@@ -588,10 +604,11 @@ def verify_folder(folder: Path, family: Family, checkpoint, arch, target: Target
     hook.remove()
     features = captured["features"].double().numpy()
     del model
+    inputs = images if family.reference_stem is None else family.reference_stem(checkpoint, arch, images, dtype)
     reference_features, reference_logits = flax_vit_forward(
         family.reference_params(checkpoint, arch),
         arch,
-        images,
+        inputs,
         gelu="exact" if family.hidden_act == "gelu" else "tanh",
         use_pre_logits=target.keep_pre_logits,
         new_head_classes=target.new_head,

@@ -5,6 +5,7 @@ be there with the shape the detected architecture implies, every checkpoint key 
 result is the list of output tensors (target key, shape, source key, transform) that `build_state_dict` fills.
 """
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ TRANSFORMS: dict[str, Transform] = {
     # Attention output projection (H, d, D) -> (D, H * d).
     "heads_out": Transform(lambda a, c: a.reshape(-1, a.shape[-1]).T, lambda s, c: (s[2], s[0] * s[1])),
     "heads_bias": Transform(lambda a, c: a.reshape(-1), lambda s, c: (s[0] * s[1],)),
+    # (C,) or (1, 1, 1, C) -> (C,), e.g. the GroupNorms of the 2020 hybrid files.
+    "flatten": Transform(lambda a, c: a.reshape(-1), lambda s, c: (math.prod(s),)),
     "posemb": Transform(resample_position_embeddings, _posemb_shape),
     "posemb_before_cls": Transform(posemb_before_cls, _posemb_shape),
 }
@@ -151,7 +154,7 @@ def _symbols(arch: Architecture) -> dict[str, int | None]:
         "M": arch.mlp_dim,
         "Ph": arch.patch_size[0],
         "Pw": arch.patch_size[1],
-        "C": arch.num_channels,
+        "C": arch.stem_channels or arch.num_channels,
         "G": arch.grid[0] * arch.grid[1],  # patches
         "T": arch.num_prefix_tokens + arch.grid[0] * arch.grid[1],  # tokens: class token + patches
         "R": arch.representation_size,
@@ -193,7 +196,7 @@ def plan_conversion(
                     f"{checkpoint.path}: missing key {source!r} (expected for {arch.describe()}): the checkpoint is "
                     "incomplete."
                 )
-            expected = tuple(symbols[s] for s in rule.shape.split())
+            expected = tuple(int(s) if s.isdigit() else symbols[s] for s in rule.shape.split())
             found = checkpoint.shape(source)
             if None not in expected and found != expected:
                 raise ConversionError(

@@ -122,8 +122,6 @@ def resolve_source(source: str | os.PathLike, *, cache: Path | None = None, prog
         raise ConversionError(f"Unknown checkpoint {text!r}: not a file, and not an official name ({_known_names()}).")
     collection, file_name, url = official
     model = file_name.removesuffix(".npz")
-    if model.startswith(("R50+", "R26+", "R_", "R26_", "R50_")):
-        raise ConversionError(f"{collection}/{model} is a hybrid ResNet+ViT: hf_vit converts plain ViTs only.")
     destination = (cache or cache_dir()) / collection / file_name
     if not destination.is_file():
         download(url, destination, progress=progress)

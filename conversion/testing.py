@@ -204,4 +204,82 @@ def write_random_seed_checkpoint(
     return path
 
 
-__all__ = ["big_vision_arrays", "random_vit_arrays", "write_random_npz", "write_random_seed_checkpoint"]
+def random_resnet_arrays(
+    num_layers=(3, 4, 9), *, width: int = 64, channels: int = 3, gn_shape: str = "1110", seed: int = 0
+) -> dict[str, np.ndarray]:
+    """
+    The ResNet stem of a vit_jax hybrid `.npz` (models_resnet.py names): HWIO kernels with fan-in scales (as trained
+    kernels have, so that the epsilon of the weight standardisation matters), GroupNorms near identity, stored
+    (1, 1, 1, C) as in the 2020 files, or (C,) with `gn_shape="C"`.
+    """
+    rng = np.random.default_rng(seed)
+    arrays = {}
+
+    def conv(name: str, kernel: int, cin: int, cout: int) -> None:
+        values = rng.standard_normal((kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
+        arrays[f"{name}/kernel"] = values.astype(np.float32)
+
+    def gn(name: str, size: int) -> None:
+        shape = (1, 1, 1, size) if gn_shape == "1110" else (size,)
+        arrays[f"{name}/scale"] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        arrays[f"{name}/bias"] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    conv("conv_root", 7, channels, width)
+    gn("gn_root", width)
+    cin = width
+    for stage, units in enumerate(num_layers):
+        mid = width * 2**stage
+        for unit in range(1, units + 1):
+            prefix = f"block{stage + 1}/unit{unit}"
+            conv(f"{prefix}/conv1", 1, cin, mid)
+            gn(f"{prefix}/gn1", mid)
+            conv(f"{prefix}/conv2", 3, mid, mid)
+            gn(f"{prefix}/gn2", mid)
+            conv(f"{prefix}/conv3", 1, mid, 4 * mid)
+            gn(f"{prefix}/gn3", 4 * mid)
+            if unit == 1:
+                conv(f"{prefix}/conv_proj", 1, cin, 4 * mid)
+                gn(f"{prefix}/gn_proj", 4 * mid)
+            cin = 4 * mid
+    return arrays
+
+
+def write_random_hybrid_npz(
+    path: str | os.PathLike,
+    *,
+    resnet_num_layers=(3, 4, 9),
+    width: int = 64,
+    gn_shape: str = "1110",
+    image_size: int = 64,
+    patch_size: int = 1,
+    seed: int = 0,
+    **vit,
+) -> Path:
+    """
+    Write a random R+ViT hybrid in the exact layout of vit_jax's hybrid `.npz` files: the ResNet stem
+    (`random_resnet_arrays`), then a ViT (`random_vit_arrays`, tiny by default; `vit` overrides its sizes) whose
+    `embedding` takes the feature map (image_size / 16 for three stages) in `patch_size` patches.
+    """
+    stride = 4 * 2 ** max(len(resnet_num_layers) - 1, 0)
+    if image_size % (stride * patch_size):
+        raise ValueError(f"image_size {image_size} must be a multiple of {stride * patch_size} (stem x patch).")
+    arrays = random_resnet_arrays(resnet_num_layers, width=width, gn_shape=gn_shape, seed=seed)
+    channels = 4 * width * 2 ** (len(resnet_num_layers) - 1) if resnet_num_layers else width
+    transformer = random_vit_arrays(patch_size=patch_size, image_size=image_size // stride, seed=seed + 1, **vit)
+    hidden = transformer["embedding/kernel"].shape[-1]
+    kernel = np.random.default_rng(seed + 2).standard_normal((patch_size, patch_size, channels, hidden))
+    transformer["embedding/kernel"] = (kernel / np.sqrt(patch_size * patch_size * channels)).astype(np.float32)
+    path = Path(path)
+    with open(path, "wb") as file:
+        np.savez(file, **arrays, **transformer)
+    return path
+
+
+__all__ = [
+    "big_vision_arrays",
+    "random_resnet_arrays",
+    "random_vit_arrays",
+    "write_random_hybrid_npz",
+    "write_random_npz",
+    "write_random_seed_checkpoint",
+]

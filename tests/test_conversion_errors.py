@@ -144,8 +144,8 @@ BAD_SOURCES = [
     pytest.param(
         altered(lambda a: a.update({"conv_root/kernel": np.ones((7, 7, 3, 64), np.float32)})),
         [],
-        "hybrid ResNet+ViT",
-        id="hybrid",
+        "hybrid checkpoint has no 'gn_root/scale'",
+        id="hybrid-without-its-resnet",
     ),
     pytest.param(altered(lambda a: a.pop("cls")), [], "is 'cls' missing?", id="missing-cls"),
     pytest.param(
@@ -190,7 +190,6 @@ BAD_SOURCES = [
         id="bv-scanned-nan",
     ),
     pytest.param(lambda tmp_path: tmp_path / "nothere.npz", [], "does not exist", id="missing-file"),
-    pytest.param(lambda tmp_path: "imagenet21k/R50+ViT-B_16", [], "hybrid ResNet+ViT", id="hybrid-official-name"),
 ]
 
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForImageClassification, pipeline
 
 from conversion.checkpoint import Architecture
 from conversion.errors import ConversionError
+from conversion.families.vit_jax import TABLE as NPZ_KEY_TABLE
 from conversion.hybrid_keys import (
     detect_resnet,
     hybrid_key_table,
@@ -26,7 +27,7 @@ from conversion.hybrid_keys import (
     seed_shapes_as_npz,
     seed_to_npz,
 )
-from conversion.keys import NPZ_KEY_TABLE, TRANSFORMS, Context
+from conversion.keys import TRANSFORMS, Context
 from conversion.reference import flax_vit_forward
 from conversion.reference_resnet import conv2d, group_norm, max_pool, relu, resnet_features, same_pads
 from conversion.testing import random_vit_arrays

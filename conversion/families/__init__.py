@@ -1,7 +1,9 @@
 """Checkpoint families: each is a key table, a detector and its part of the reference, in a module of its own.
 
 A new family (e.g. the ResNet+ViT hybrids) is a new module defining a `Family`, listed in `FAMILIES` before any family
-that would claim its files; the pipeline (`conversion.pipeline`) does not change.
+that would claim its files; the pipeline (`conversion.converter`) does not change. A family whose models have a stem
+before the patch embedding (`hybrid`: the R+ViT ResNet) adds its rules (`stem_rules`), its part of the reference
+(`reference_stem`) and its config fields and strides (`Architecture.stem*`, `extra_config`).
 """
 
 from collections.abc import Callable, Mapping
@@ -25,6 +27,16 @@ class Family:
     reference_params: Callable[[object, Architecture], Mapping[str, np.ndarray]]
     hidden_act: str = "gelu_pytorch_tanh"  # Flax nn.gelu is the tanh approximation
     seed: bool = False  # a seed-repo fine-tune (the model card says so)
+    # Optional, for a family with a stem before the patch embedding (the R+ViT hybrids' ResNet):
+    # (checkpoint, architecture) -> the stem's rules, appended to `table`
+    stem_rules: Callable[[object, Architecture], tuple[Rule, ...]] | None = None
+    # (checkpoint, architecture, images (B, C, H, W), dtype) -> the stem's feature map (B, C', H', W') in the
+    # reference, which `conversion.reference.flax_vit_forward` then takes as its images
+    reference_stem: Callable[[object, Architecture, np.ndarray, str], np.ndarray] | None = None
+
+    def rules(self, checkpoint, arch: Architecture) -> tuple[Rule, ...]:
+        """Every rule of a checkpoint of this family: the table, then the stem's."""
+        return self.table + (self.stem_rules(checkpoint, arch) if self.stem_rules else ())
 
 
 class RenamedParams:
@@ -40,10 +52,10 @@ class RenamedParams:
         return self.to_flax(name, self.checkpoint.load(self.checkpoint_key(name)))
 
 
-from . import big_vision, seed, vit_jax  # noqa: E402  (the modules import Family from here)
+from . import big_vision, hybrid, seed, vit_jax  # noqa: E402  (the modules import Family from here)
 
 
-FAMILIES: tuple[Family, ...] = (seed.FAMILY, big_vision.FAMILY, vit_jax.FAMILY)
+FAMILIES: tuple[Family, ...] = (hybrid.SEED_FAMILY, seed.FAMILY, hybrid.FAMILY, big_vision.FAMILY, vit_jax.FAMILY)
 
 
 def find_family(checkpoint) -> Family:

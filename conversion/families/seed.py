@@ -7,7 +7,6 @@ number of heads is not in the shapes and comes from --variant. The seed uses exa
 import re
 
 from ..checkpoint import Architecture, count_layers, position_grid, require
-from ..errors import ConversionError
 from ..keys import Rule
 from . import Family, RenamedParams, vit_jax
 
@@ -44,10 +43,6 @@ TABLE: tuple[Rule, ...] = (
 
 def detect(checkpoint, source_size=None, target_size=None) -> Architecture:
     keys = set(checkpoint.keys())
-    if any(".hybrid_model." in k for k in keys):
-        raise ConversionError(
-            f"{checkpoint.path} is a hybrid ResNet+ViT (R50-ViT) checkpoint: hf_vit converts plain ViTs only."
-        )
     hidden, channels, patch_h, patch_w = require(checkpoint, PATCH, 4, "patch embedding, (D, 3, P, P)")
     _, tokens, _ = require(checkpoint, POSEMB, 3, "position embeddings, (1, N + 1, D)")
     classifier = "token" if "transformer.embeddings.cls_token" in keys else "gap"

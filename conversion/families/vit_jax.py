@@ -5,7 +5,6 @@ the class token is prepended.
 """
 
 from ..checkpoint import Architecture, count_layers, position_grid, require
-from ..errors import ConversionError
 from ..keys import Rule
 from . import Family
 
@@ -50,10 +49,6 @@ def detect(checkpoint, source_size=None, target_size=None, *, names=None, posemb
     """The architecture from the shapes alone (no table of variants); `names` maps vit_jax names to the file's."""
     names = names or (lambda key: key)
     keys = set(checkpoint.keys())
-    if any(k.startswith(("conv_root/", "block1/", "gn_root/")) for k in keys):
-        raise ConversionError(
-            f"{checkpoint.path} is a hybrid ResNet+ViT (R50+ViT) checkpoint: hf_vit converts plain ViTs only."
-        )
     patch_h, patch_w, channels, hidden = require(checkpoint, "embedding/kernel", 4, "patch embedding, (P, P, 3, D)")
     classifier = "token" if "cls" in keys else "gap"
     prefix = 1 if classifier == "token" and posemb == POSEMB else 0  # rows of the position embedding before the grid
