@@ -30,7 +30,7 @@ from conversion.hybrid_keys import (
 from conversion.keys import TRANSFORMS, Context
 from conversion.reference import flax_vit_forward
 from conversion.reference_resnet import conv2d, group_norm, max_pool, relu, resnet_features, same_pads
-from conversion.testing import random_vit_arrays
+from conversion.testing import random_resnet_arrays, random_vit_arrays
 from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
 from hf_vit.modeling_resnet import same_padding
 from hf_vit.visualization import attention_map
@@ -50,45 +50,9 @@ HYBRID = dict(
 )
 
 
-def random_resnet_arrays(num_layers, width: int = 64, gn_shape: str = "1110", seed: int = 0) -> dict[str, np.ndarray]:
-    """The ResNet part of a vit_jax hybrid `.npz`: HWIO kernels with fan-in scales (as trained kernels have, so that
-    the epsilon of the weight standardisation matters), GroupNorms near identity, (1, 1, 1, C) as in the 2020 files
-    or (C,) with gn_shape="C"."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-
-    def conv(name: str, kernel: int, cin: int, cout: int) -> None:
-        values = rng.standard_normal((kernel, kernel, cin, cout)) / math.sqrt(kernel * kernel * cin)
-        arrays[f"{name}/kernel"] = values.astype(np.float32)
-
-    def gn(name: str, channels: int) -> None:
-        shape = (1, 1, 1, channels) if gn_shape == "1110" else (channels,)
-        arrays[f"{name}/scale"] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        arrays[f"{name}/bias"] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-
-    conv("conv_root", 7, 3, width)
-    gn("gn_root", width)
-    cin = width
-    for stage, units in enumerate(num_layers):
-        mid = width * 2**stage
-        for unit in range(1, units + 1):
-            prefix = f"block{stage + 1}/unit{unit}"
-            conv(f"{prefix}/conv1", 1, cin, mid)
-            gn(f"{prefix}/gn1", mid)
-            conv(f"{prefix}/conv2", 3, mid, mid)
-            gn(f"{prefix}/gn2", mid)
-            conv(f"{prefix}/conv3", 1, mid, 4 * mid)
-            gn(f"{prefix}/gn3", 4 * mid)
-            if unit == 1:
-                conv(f"{prefix}/conv_proj", 1, cin, 4 * mid)
-                gn(f"{prefix}/gn_proj", 4 * mid)
-            cin = 4 * mid
-    return arrays
-
-
 def hybrid_npz_arrays(num_layers=R50, width: int = 64, grid: int = 4, gn_shape: str = "1110") -> dict[str, np.ndarray]:
     """A whole hybrid `.npz` (ResNet + tiny ViT with 1x1 patches) in the exact vit_jax layout."""
-    arrays = random_resnet_arrays(num_layers, width, gn_shape)
+    arrays = random_resnet_arrays(num_layers, width=width, gn_shape=gn_shape)
     channels = 4 * width * 2 ** (len(num_layers) - 1) if num_layers else width
     vit = random_vit_arrays(patch_size=1, image_size=grid, seed=1)  # hidden 32, 2 layers, 4 heads, MLP 37, 10 classes
     kernel = np.random.default_rng(2).standard_normal((1, 1, channels, 32)) / math.sqrt(channels)
