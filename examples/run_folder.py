@@ -141,9 +141,7 @@ def describe_contents(output_dir: Path) -> str:
 def plan_output_dir(args) -> str:
     """Check --output_dir before anything is written: 'fresh', 'overwrite' or 'resume' (identity checked later)."""
     output_dir = Path(args.output_dir)
-    check_writable(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise RunFolderError(f"--output_dir {output_dir} is a file, not a folder.")
+    check_writable(output_dir)  # also refuses a file in the folder's place
     empty = not output_dir.exists() or not any(output_dir.iterdir())
     if args.overwrite_output_dir:
         if args.resume_from_checkpoint == "latest":

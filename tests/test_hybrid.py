@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from PIL import Image
 from test_modeling import seed_forward, seed_state_dict
 from transformers import AutoModelForImageClassification, pipeline
@@ -38,16 +39,7 @@ from hf_vit.visualization import attention_map
 
 R50 = (3, 4, 9)
 # The tiny transformer of every test on the full R50 stem: 64 px -> 32 -> 16 (pool) -> 16 -> 8 -> 4, a 4x4 grid.
-HYBRID = dict(
-    image_size=64,
-    patch_size=1,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    num_labels=10,
-    resnet_num_layers=list(R50),
-)
+HYBRID = dict(TINY, image_size=64, patch_size=1, resnet_num_layers=list(R50))
 
 
 def hybrid_npz_arrays(num_layers=R50, width: int = 64, grid: int = 4, gn_shape: str = "1110") -> dict[str, np.ndarray]:
