@@ -207,8 +207,9 @@ def test_an_error_is_one_line_through_each_launch_form(launch, tmp_path):
         assert result.returncode == 2 and result.stderr.strip() == error_lines(result.stderr)[0]
     elif launch == "accelerate":  # accelerate's simple launcher turns any failure into 1
         assert result.returncode == 1 and result.stderr.strip() == error_lines(result.stderr)[0]
-    else:  # printed once, by the main process; torchrun's summary then names it as the root cause
-        assert result.returncode == 1 and result.stderr.count(line) == 3, result.stderr
+    else:  # printed once, by the main process; torchrun's summary then names it as the root cause (whether it
+        # also lists rank 1 with the line, or as stopped by the agent, depends on which rank ends first)
+        assert result.returncode == 1, result.stderr
         assert len([text for text in error_lines(result.stderr) if text.startswith("finetune.py")]) == 1
         root_cause = result.stderr[result.stderr.index("Root Cause") :]
         assert f"traceback : {line}" in root_cause
