@@ -199,10 +199,11 @@ def plan_conversion(
             expected = tuple(int(s) if s.isdigit() else symbols[s] for s in rule.shape.split())
             found = checkpoint.shape(source)
             if None not in expected and found != expected:
+                symbolic = "" if rule.shape.replace(" ", "").isdigit() else f" = ({rule.shape.replace(' ', ', ')})"
                 raise ConversionError(
                     f"{checkpoint.path}: {source!r} has shape {format_shape(found)}, expected "
-                    f"{format_shape(expected)} = ({rule.shape.replace(' ', ', ')}) for the architecture the other "
-                    f"tensors give ({arch.describe()}): the checkpoint is inconsistent."
+                    f"{format_shape(expected)}{symbolic} for the architecture the other tensors give "
+                    f"({arch.describe()}): the checkpoint is inconsistent."
                 )
             consumed.add(source)
             if (rule.role == "pre_logits" and not keep_pre_logits) or (rule.role == "head" and new_head is not None):

@@ -81,31 +81,15 @@ def random_vit_arrays(
     return arrays
 
 
-def write_random_npz(
-    path: str | os.PathLike,
-    *,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    mlp_dim: int = 37,
-    patch_size: int = 8,
-    image_size: int | tuple[int, int] = 32,
-    num_classes: int = 10,
-    classifier: str = "token",
-    representation_size: int | None = None,
-    seed: int = 0,
-) -> Path:
+def write_random_npz(path: str | os.PathLike, **architecture) -> Path:
     """
     Write a random checkpoint with the key names, shapes and float32 dtype of Google's released ViT `.npz` files.
 
-    Args:
-        path: where to write (`.npz` is not appended).
-        hidden_size, num_layers, num_heads, mlp_dim, patch_size: the architecture (defaults: the tiny test model).
-        image_size: pre-training resolution, an int or `(height, width)`; sets the position-embedding grid.
-        num_classes: width of the head.
-        classifier: `"token"` (a `cls` token, position embeddings with one extra row) or `"gap"` (neither).
-        representation_size: add a `pre_logits` layer of that width, as in the ImageNet-21k releases.
-        seed: NumPy random seed.
+    `path` is where to write (`.npz` is not appended); `architecture` takes the keyword arguments of
+    `random_vit_arrays`: `hidden_size`, `num_layers`, `num_heads`, `mlp_dim`, `patch_size` (defaults: the tiny test
+    model), `image_size` (the pre-training resolution, N or (H, W), which sets the position-embedding grid),
+    `num_classes`, `classifier` (`"token"`: a `cls` token and one more position-embedding row; `"gap"`: neither),
+    `representation_size` (a `pre_logits` layer, as in the ImageNet-21k releases) and `seed`.
 
     Example:
 
@@ -117,18 +101,7 @@ def write_random_npz(
     (1, 17, 32)
     ```
     """
-    arrays = random_vit_arrays(
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        mlp_dim=mlp_dim,
-        patch_size=patch_size,
-        image_size=image_size,
-        num_classes=num_classes,
-        classifier=classifier,
-        representation_size=representation_size,
-        seed=seed,
-    )
+    arrays = random_vit_arrays(**architecture)
     path = Path(path)
     # np.savez would append ".npz" to a name without it; write through a file object to keep the name as given.
     with open(path, "wb") as file:
@@ -212,35 +185,16 @@ def random_resnet_arrays(
     kernels have, so that the epsilon of the weight standardisation matters), GroupNorms near identity, stored
     (1, 1, 1, C) as in the 2020 files, or (C,) with `gn_shape="C"`.
     """
+    from .families.hybrid import resnet_tensors
+
     rng = np.random.default_rng(seed)
     arrays = {}
-
-    def conv(name: str, kernel: int, cin: int, cout: int) -> None:
-        values = rng.standard_normal((kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
-        arrays[f"{name}/kernel"] = values.astype(np.float32)
-
-    def gn(name: str, size: int) -> None:
-        shape = (1, 1, 1, size) if gn_shape == "1110" else (size,)
-        arrays[f"{name}/scale"] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        arrays[f"{name}/bias"] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-
-    conv("conv_root", 7, channels, width)
-    gn("gn_root", width)
-    cin = width
-    for stage, units in enumerate(num_layers):
-        mid = width * 2**stage
-        for unit in range(1, units + 1):
-            prefix = f"block{stage + 1}/unit{unit}"
-            conv(f"{prefix}/conv1", 1, cin, mid)
-            gn(f"{prefix}/gn1", mid)
-            conv(f"{prefix}/conv2", 3, mid, mid)
-            gn(f"{prefix}/gn2", mid)
-            conv(f"{prefix}/conv3", 1, mid, 4 * mid)
-            gn(f"{prefix}/gn3", 4 * mid)
-            if unit == 1:
-                conv(f"{prefix}/conv_proj", 1, cin, 4 * mid)
-                gn(f"{prefix}/gn_proj", 4 * mid)
-            cin = 4 * mid
+    for name, _, shape in resnet_tensors(num_layers, width, channels):
+        if len(shape) == 4:
+            arrays[name] = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:3]))).astype(np.float32)
+        else:
+            values = rng.standard_normal((1, 1, 1, *shape) if gn_shape == "1110" else shape)
+            arrays[name] = (1 + 0.1 * values if name.endswith("/scale") else 0.1 * values).astype(np.float32)
     return arrays
 
 

@@ -144,7 +144,7 @@ BAD_SOURCES = [
     pytest.param(
         altered(lambda a: a.update({"conv_root/kernel": np.ones((7, 7, 3, 64), np.float32)})),
         [],
-        "hybrid checkpoint has no 'gn_root/scale'",
+        "missing key 'gn_root/scale'",
         id="hybrid-without-its-resnet",
     ),
     pytest.param(altered(lambda a: a.pop("cls")), [], "is 'cls' missing?", id="missing-cls"),

@@ -1,6 +1,7 @@
 """R+ViT hybrids: the ResNet stem against the NumPy reference of vit_jax, the seed's layout and numerics, the key table
 and its detector, and everything plain ViT supports (Auto classes, remote code, pipeline, maps, compile, bf16)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -20,15 +21,10 @@ from transformers import AutoModelForImageClassification, pipeline
 
 from conversion.checkpoint import Architecture
 from conversion.errors import ConversionError
+from conversion.families import find_family
+from conversion.families.hybrid import resnet_tensors
 from conversion.families.vit_jax import TABLE as NPZ_KEY_TABLE
-from conversion.hybrid_keys import (
-    detect_resnet,
-    hybrid_key_table,
-    npz_to_seed,
-    seed_shapes_as_npz,
-    seed_to_npz,
-)
-from conversion.keys import TRANSFORMS, Context
+from conversion.keys import TRANSFORMS, Context, plan_conversion
 from conversion.reference import flax_vit_forward
 from conversion.reference_resnet import conv2d, group_norm, max_pool, relu, resnet_features, same_pads
 from conversion.testing import random_resnet_arrays, random_vit_arrays
@@ -52,8 +48,50 @@ def hybrid_npz_arrays(num_layers=R50, width: int = 64, grid: int = 4, gn_shape: 
     return arrays | vit
 
 
+def resnet_state_dict(arrays, num_layers, width: int = 64) -> dict[str, np.ndarray]:
+    """The ResNet tensors of a hybrid `.npz` under the seed's names: HWIO kernels to OIHW, GroupNorms to (C,)."""
+    return {
+        seed: TRANSFORMS["conv_hwio_to_oihw" if len(shape) == 4 else "flatten"].array(arrays[npz], None)
+        for npz, seed, shape in resnet_tensors(num_layers, width)
+    }
+
+
+class ShapesOnly:
+    """A checkpoint of which only the headers are known (zeros when loaded): full-size layouts and damage, cheaply."""
+
+    path = "R50+ViT-B_16.npz"
+
+    def __init__(self, shapes, kind: str = "npz"):
+        self.shapes, self.kind = shapes, kind
+
+    def keys(self):
+        return list(self.shapes)
+
+    def shape(self, key):
+        return tuple(self.shapes[key])
+
+    def load(self, key):
+        return np.zeros(self.shapes[key], np.float32)
+
+
+def planned(shapes, kind: str = "npz"):
+    """What the converter makes of a checkpoint with these keys and shapes: (family, architecture, plan)."""
+    checkpoint = ShapesOnly(shapes, kind)
+    family = find_family(checkpoint)
+    arch = family.detect(checkpoint, None, None)
+    arch = (
+        arch if arch.num_heads else dataclasses.replace(arch, num_heads=4)
+    )  # a seed .bin's heads come from --variant
+    return family, arch, plan_conversion(checkpoint, family.rules(checkpoint, arch), arch, target_grid=arch.grid)
+
+
+def resnet_of(arch) -> tuple:
+    extra = dict(arch.extra_config)
+    return extra["resnet_num_layers"], extra["resnet_width_factor"]
+
+
 def state_dict_from_npz(arrays, num_layers, grid=(4, 4)) -> dict[str, torch.Tensor]:
-    """The conversion: the plain ViT's key table for the transformer, hybrid_keys for the ResNet."""
+    """The conversion: the plain ViT's key table for the transformer, the hybrid family's tensors for the ResNet."""
     context = Context(grid, grid, 1)
     state = {}
     for rule in NPZ_KEY_TABLE:
@@ -62,7 +100,7 @@ def state_dict_from_npz(arrays, num_layers, grid=(4, 4)) -> dict[str, torch.Tens
         for i in range(2) if "{i}" in rule.source else (None,):
             array = TRANSFORMS[rule.transform].array(arrays[rule.source.format(i=i)], context)
             state[rule.target.format(i=i)] = np.asarray(array)
-    state |= npz_to_seed(arrays, num_layers)
+    state |= resnet_state_dict(arrays, num_layers)
     return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in state.items()}
 
 
@@ -164,7 +202,7 @@ def r50_vit_b16_imagenet21k_shapes() -> dict[str, tuple[int, ...]]:
 def test_r50_vit_b16_imagenet21k_layout_maps_onto_the_model_with_115_277_971_parameters():
     shapes = r50_vit_b16_imagenet21k_shapes()
     assert sum(math.prod(s) for s in shapes.values()) == 115_277_971
-    assert detect_resnet(shapes) == ((3, 4, 9), 1)
+    assert resnet_of(planned(shapes)[1]) == ((3, 4, 9), 1)
     config = VisionTransformerConfig.from_variant("R50+ViT-B_16", representation_size=768, num_labels=21843)
     with torch.device("meta"):
         model = VisionTransformerForImageClassification(config)
@@ -176,12 +214,9 @@ def test_r50_vit_b16_imagenet21k_layout_maps_onto_the_model_with_115_277_971_par
         for i in range(12) if "{i}" in rule.source else (None,):
             source = rule.source.format(i=i)
             expected[rule.target.format(i=i)] = (source, TRANSFORMS[rule.transform].shape(shapes[source], context))
-    for source, target, transform in hybrid_key_table((3, 4, 9)):
-        shape = shapes[source]
-        expected[target] = (
-            source,
-            (shape[3], shape[2], shape[0], shape[1]) if transform.startswith("conv") else shape[-1:],
-        )
+    for source, target, kind in resnet_tensors((3, 4, 9), 64):
+        shape = shapes[source]  # GroupNorms (1, 1, 1, C) in this file
+        expected[target] = (source, (shape[3], shape[2], shape[0], shape[1]) if len(kind) == 4 else shape[-1:])
     assert sorted(source for source, _ in expected.values()) == sorted(shapes)
     state_dict = model.state_dict()
     assert sorted(state_dict) == sorted(expected)
@@ -218,7 +253,9 @@ def test_root_and_pool_match_the_reference_at_224_384_and_non_square(size):
     config = VisionTransformerConfig(**{**HYBRID, "resnet_num_layers": [], "patch_size": 4})
     stem = VisionTransformerForImageClassification(config).double().transformer.embeddings.hybrid_model
     prefix = "transformer.embeddings.hybrid_model."
-    stem.load_state_dict({k.removeprefix(prefix): torch.from_numpy(v) for k, v in npz_to_seed(arrays, ()).items()})
+    stem.load_state_dict(
+        {k.removeprefix(prefix): torch.from_numpy(v) for k, v in resnet_state_dict(arrays, ()).items()}
+    )
     images = np.random.default_rng(4).uniform(-1, 1, (1, *size, 3))
     expected = max_pool(
         relu(
@@ -331,24 +368,21 @@ def test_seed_hybrid_state_dict_loads_strict_and_gives_the_seed_logits():
         original.load_state_dict(state_dict, strict=True)
         assert (original(pixel_values).logits - expected).abs().max() > 1e-2
     # the detector reads the seed's layout too (the seed always has three stages)
-    shapes = seed_shapes_as_npz({key: tuple(value.shape) for key, value in state_dict.items()})
-    assert detect_resnet(shapes) == ((2, 1, 2), 1)
+    family, arch, _ = planned({key: tuple(value.shape) for key, value in state_dict.items()}, kind="seed")
+    assert family.name == "seed hybrid *_checkpoint.bin" and resnet_of(arch) == ((2, 1, 2), 1)
 
 
-def test_seed_and_npz_layouts_convert_both_ways():
+def test_npz_resnet_tensors_go_to_the_seed_names_and_layouts():
     arrays = random_resnet_arrays((2, 1), gn_shape="1110")
-    seed = npz_to_seed(arrays, (2, 1))
+    seed = resnet_state_dict(arrays, (2, 1))
     root = seed["transformer.embeddings.hybrid_model.root.conv.weight"]
     assert root.shape == (64, 3, 7, 7) and root[5, 2, 1, 6] == arrays["conv_root/kernel"][1, 6, 2, 5]  # HWIO -> OIHW
     assert seed["transformer.embeddings.hybrid_model.body.block2.unit1.gn_proj.bias"].shape == (512,)
     assert "transformer.embeddings.hybrid_model.body.block1.unit2.downsample.weight" not in seed
-    back = seed_to_npz(seed, (2, 1))
-    assert sorted(back) == sorted(arrays)
-    for key, value in arrays.items():
-        np.testing.assert_array_equal(back[key], value.reshape(-1) if key.endswith(("scale", "bias")) else value)
+    assert sorted(npz for npz, _, _ in resnet_tensors((2, 1), 64)) == sorted(arrays)
 
 
-# --- detect_resnet: the architecture from the tensors, and bad files -----------------------------------------------
+# --- the hybrid detector and planner: the architecture from the tensors, and bad files -----------------------------
 
 
 def shapes_of(arrays) -> dict[str, tuple[int, ...]]:
@@ -359,13 +393,16 @@ def shapes_of(arrays) -> dict[str, tuple[int, ...]]:
     "num_layers, width, gn_shape",
     [((3, 4, 9), 64, "1110"), ((2, 2, 2, 2), 64, "C"), ((3, 4, 6, 3), 64, "1110"), ((), 64, "C"), ((1, 1), 96, "C")],
 )
-def test_detect_resnet_reads_stages_units_and_width(num_layers, width, gn_shape):
-    shapes = shapes_of(hybrid_npz_arrays(num_layers, width, gn_shape=gn_shape))
-    assert detect_resnet(shapes) == (num_layers, width / 64 if width % 64 else width // 64)
+def test_the_resnet_is_read_off_stages_units_and_width(num_layers, width, gn_shape):
+    family, arch, plan = planned(shapes_of(hybrid_npz_arrays(num_layers, width, gn_shape=gn_shape)))
+    assert family.name == "vit_jax hybrid .npz"
+    assert resnet_of(arch) == (num_layers, width / 64 if width % 64 else width // 64)
+    assert len(plan.entries) == len(resnet_tensors(num_layers, width)) + 2 * 16 + 8  # + the tiny ViT's tensors
 
 
-def test_detect_resnet_is_none_for_a_plain_vit():
-    assert detect_resnet(shapes_of(random_vit_arrays())) is None
+def test_a_plain_vit_is_not_a_hybrid():
+    family, arch, _ = planned(shapes_of(random_vit_arrays()))
+    assert family.name == "vit_jax .npz" and not arch.stem
 
 
 def _without(shapes, *prefixes):
@@ -379,41 +416,44 @@ def _without(shapes, *prefixes):
         (lambda s: _without(s, "block2/"), r"stages \[1, 3\]: block2 is missing"),
         (
             lambda s: s | {"block1/unit2/gn2/scale": (1, 1, 1, 32)},
-            r"'block1/unit2/gn2/scale' \(gn2\) has shape \(1, 1, 1, 32\), expected \(64,\)",
+            r"'block1/unit2/gn2/scale' has shape \(1, 1, 1, 32\), expected \(1, 1, 1, 64\) for",
         ),
         (
             lambda s: s | {"block3/unit1/conv2/kernel": (3, 3, 256, 128)},
-            r"'block3/unit1/conv2/kernel' \(conv2\) has shape",
+            r"'block3/unit1/conv2/kernel' has shape \(3, 3, 256, 128\), expected \(3, 3, 256, 256\)",
         ),
-        (
-            lambda s: _without(s, "block1/unit1/conv_proj/"),
-            r"no 'block1/unit1/conv_proj/kernel' \(conv_proj, expected",
-        ),
+        (lambda s: _without(s, "block1/unit1/conv_proj/"), r"missing key 'block1/unit1/conv_proj/kernel'"),
         (
             lambda s: s | {"block1/unit2/conv_proj/kernel": (1, 1, 256, 256)},
-            r"unexpected key 'block1/unit2/conv_proj/kernel'",
+            r"unexpected key\(s\) that no rule converts: 'block1/unit2/conv_proj/kernel'",
         ),
         (
             lambda s: s | {"embedding/kernel": (1, 1, 512, 32)},
-            r"'embedding/kernel' has shape \(1, 1, 512, 32\), expected \(P, P, 1024, D\)",
+            r"'embedding/kernel' has shape \(1, 1, 512, 32\), expected \(1, 1, 1024, 32\) = \(Ph, Pw, C, D\)",
         ),
         (lambda s: _without(s, "conv_root/"), r"ResNet keys but no 'conv_root/kernel'"),
         (lambda s: s | {"conv_root/kernel": (7, 7, 3, 48)}, r"'conv_root/kernel' has shape \(7, 7, 3, 48\)"),
-        (lambda s: _without(s, "gn_root/bias"), r"no 'gn_root/bias'"),
+        (lambda s: _without(s, "gn_root/bias"), r"missing key 'gn_root/bias'"),
     ],
 )
-def test_detect_resnet_refuses_damaged_hybrids_in_one_line(edit, message):
+def test_damaged_hybrids_are_refused_in_one_line(edit, message):
     shapes = edit(shapes_of(hybrid_npz_arrays()))
     with pytest.raises(ConversionError, match=message) as error:
-        detect_resnet(shapes)
+        planned(shapes)
     assert "\n" not in str(error.value)
 
 
-def test_seed_shapes_refuse_a_key_the_seed_resnet_has_not():
+def test_a_seed_hybrid_with_a_key_the_seed_resnet_has_not_is_refused():
+    config = VisionTransformerConfig(
+        **{**HYBRID, "resnet_num_layers": [1, 1, 1]}, resnet_flavour="seed", hidden_act="gelu"
+    )
+    shapes = {key: tuple(value.shape) for key, value in seed_hybrid_state_dict(config).items()}
+    shapes["transformer.embeddings.hybrid_model.body.block1.unit1.bn1.weight"] = (64,)
     with pytest.raises(
-        ConversionError, match=r"unexpected key 'transformer.embeddings.hybrid_model.body.block1.unit1.bn1.weight'"
+        ConversionError,
+        match=r"unexpected key\(s\).*'transformer.embeddings.hybrid_model.body.block1.unit1.bn1.weight'",
     ):
-        seed_shapes_as_npz({"transformer.embeddings.hybrid_model.body.block1.unit1.bn1.weight": (64,)})
+        planned(shapes, kind="seed")
 
 
 # --- everything plain ViT does, on a tiny hybrid ------------------------------------------------------------------

@@ -28,15 +28,15 @@ class Family:
     hidden_act: str = "gelu_pytorch_tanh"  # Flax nn.gelu is the tanh approximation
     seed: bool = False  # a seed-repo fine-tune (the model card says so)
     # Optional, for a family with a stem before the patch embedding (the R+ViT hybrids' ResNet):
-    # (checkpoint, architecture) -> the stem's rules, appended to `table`
+    # (checkpoint, architecture) -> the stem's rules, planned before `table`
     stem_rules: Callable[[object, Architecture], tuple[Rule, ...]] | None = None
     # (checkpoint, architecture, images (B, C, H, W), dtype) -> the stem's feature map (B, C', H', W') in the
     # reference, which `conversion.reference.flax_vit_forward` then takes as its images
     reference_stem: Callable[[object, Architecture, np.ndarray, str], np.ndarray] | None = None
 
     def rules(self, checkpoint, arch: Architecture) -> tuple[Rule, ...]:
-        """Every rule of a checkpoint of this family: the table, then the stem's."""
-        return self.table + (self.stem_rules(checkpoint, arch) if self.stem_rules else ())
+        """Every rule of a checkpoint of this family: the stem's (checked first, as its input comes first), the table."""
+        return (self.stem_rules(checkpoint, arch) if self.stem_rules else ()) + self.table
 
 
 class RenamedParams:
