@@ -22,7 +22,7 @@ import numpy as np
 
 from ..checkpoint import Architecture
 from ..errors import ConversionError
-from ..keys import Rule
+from ..keys import TRANSFORMS, Rule
 from ..reference import round_to_dtype
 from ..reference_resnet import resnet_features
 from . import Family, seed, vit_jax
@@ -177,14 +177,11 @@ def seed_detect(checkpoint, source_size=None, target_size=None) -> Architecture:
     )  # fmt: skip
 
 
-def _oihw(shape):
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
-
-
 def seed_stem_rules(checkpoint, arch: Architecture) -> tuple[Rule, ...]:
     """The ResNet's tensors, already in hf_vit's names and layouts."""
     tensors = resnet_tensors(*_resnet(arch), arch.num_channels)
-    return tuple(Rule(target, target, _shape_text(_oihw(shape))) for _, target, shape in tensors)
+    to_oihw = TRANSFORMS["conv_hwio_to_oihw"].shape
+    return tuple(Rule(target, target, _shape_text(to_oihw(s, None) if len(s) == 4 else s)) for _, target, s in tensors)
 
 
 def seed_reference_stem(checkpoint, arch: Architecture, images: np.ndarray, dtype: str) -> np.ndarray:
