@@ -24,6 +24,7 @@ import transformers
 from transformers import ViTConfig, ViTForImageClassification
 
 import hf_vit
+from conversion.keys import rename_for_transformers_vit
 from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
 
 
@@ -60,31 +61,9 @@ def their_config(config: VisionTransformerConfig) -> ViTConfig:
     )
 
 
-# hf_vit key fragment -> transformers key fragment, applied in order.
-_KEY_MAP = (
-    ("transformer.embeddings.patch_embeddings.", "vit.embeddings.patch_embeddings.projection."),
-    ("transformer.embeddings.", "vit.embeddings."),
-    ("transformer.encoder.encoder_norm.", "vit.layernorm."),
-    ("transformer.encoder.layer.", "vit.layers."),
-    (".attention_norm.", ".layernorm_before."),
-    (".ffn_norm.", ".layernorm_after."),
-    (".attn.query.", ".attention.q_proj."),
-    (".attn.key.", ".attention.k_proj."),
-    (".attn.value.", ".attention.v_proj."),
-    (".attn.out.", ".attention.o_proj."),
-    (".ffn.fc", ".mlp.fc"),
-    ("head.", "classifier."),
-)
-
-
 def to_transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an hf_vit classifier state dict to `ViTForImageClassification` keys."""
-    renamed = {}
-    for key, value in state_dict.items():
-        for ours, theirs in _KEY_MAP:
-            key = key.replace(ours, theirs)
-        renamed[key] = value
-    return renamed
+    """Rename an hf_vit classifier state dict to `ViTForImageClassification` keys (the converter's own key map)."""
+    return {rename_for_transformers_vit(key): value for key, value in state_dict.items()}
 
 
 def build_models(
