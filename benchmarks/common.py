@@ -114,6 +114,8 @@ def synchronize(device: str) -> None:
 
 def _gemm_candidates(inputs: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], object]]:
     """`inputs @ weight.T` through every GEMM the installed torch offers on CPU (oneDNN's are private ops)."""
+    if inputs.dtype == torch.int8:  # int8 x int8 -> int32 (oneDNN: VNNI or AMX-INT8), the peak of int8 contenders
+        return {"ATen _int_mm": lambda: torch._int_mm(inputs, weight.t())}
     candidates = {
         "ATen matmul": lambda: torch.matmul(inputs, weight.t()),  # MKL's sgemm for fp32 where torch has MKL
         "ATen linear": lambda: torch.nn.functional.linear(inputs, weight),
@@ -136,7 +138,8 @@ def gemm_peaks(dtype: torch.dtype, tiny: bool = False, repeats: int = 7, device:
     """
     Best GFLOP/s of each GEMM torch offers in `dtype` (ATen/MKL and oneDNN on CPU, `F.linear` on a GPU): on CPU on the
     ViT-B MLP matmuls (batch 8 at 224), on a GPU an 8192-cube product (ViT-B's own matmuls are too small to reach a
-    GPU's dense peak). A GEMM this CPU cannot run in `dtype` (oneDNN bf16 without AVX512-BF16) is left out.
+    GPU's dense peak). A GEMM this CPU cannot run in `dtype` (oneDNN bf16 without AVX512-BF16) is left out. `torch.int8`
+    gives the int8 peak (`torch._int_mm`, GOP/s), the roofline of int8-quantized contenders.
     """
     if tiny:
         rows, hidden, mlp = 64, 64, 128
@@ -145,8 +148,12 @@ def gemm_peaks(dtype: torch.dtype, tiny: bool = False, repeats: int = 7, device:
     best: dict[str, float] = {}
     with torch.inference_mode():
         for fan_in, fan_out in ((hidden, mlp), (mlp, hidden)):
-            inputs = torch.randn(rows, fan_in, dtype=dtype, device=device)
-            weight = torch.randn(fan_out, fan_in, dtype=dtype, device=device)
+            if dtype == torch.int8:
+                inputs = torch.randint(-128, 128, (rows, fan_in), dtype=dtype, device=device)
+                weight = torch.randint(-128, 128, (fan_out, fan_in), dtype=dtype, device=device)
+            else:
+                inputs = torch.randn(rows, fan_in, dtype=dtype, device=device)
+                weight = torch.randn(fan_out, fan_in, dtype=dtype, device=device)
             if device == "cpu":
                 candidates = _gemm_candidates(inputs, weight)
             else:
@@ -178,7 +185,8 @@ def peak_text(peaks: dict[str, dict[str, float]]) -> str:
     for dtype, gemms in peaks.items():
         fastest = max(gemms, key=gemms.get)
         others = ", ".join(f"{name} {gflops:.0f}" for name, gflops in gemms.items() if name != fastest)
-        parts.append(f"{dtype} {gemms[fastest]:.0f} GFLOP/s ({fastest}" + (f"; {others})" if others else ")"))
+        unit = "GOP/s" if dtype == "int8" else "GFLOP/s"
+        parts.append(f"{dtype} {gemms[fastest]:.0f} {unit} ({fastest}" + (f"; {others})" if others else ")"))
     return "; ".join(parts)
 
 
@@ -262,14 +270,20 @@ def machine(device: str = "cpu") -> dict[str, object]:
     }
 
 
-def compare(seconds: dict[str, list[float]], batch: int, roofline: float) -> dict[str, object]:
-    """img/s and share of `roofline` (img/s) of every contender, the faster run of each side, paired ratios."""
+def compare(
+    seconds: dict[str, list[float]], batch: int, roofline: float, rooflines: dict[str, float] | None = None
+) -> dict[str, object]:
+    """
+    img/s and share of the roofline (img/s) of every contender, the faster run of each side, paired ratios:
+    `roofline` is the models' dtype's, `rooflines` overrides it for a contender computing in another (int8).
+    """
     medians = {name: statistics.median(times) for name, times in seconds.items()}
+    rooflines = {name: roofline for name in seconds} | (rooflines or {})
     best_theirs = min((name for name in seconds if name.startswith(THEIRS)), key=medians.get)
     best_ours = min((name for name in seconds if name.startswith(OURS)), key=medians.get)
     return {
         **{f"{name} img/s": batch / medians[name] for name in seconds},
-        **{f"{name} % roofline": 100 * batch / medians[name] / roofline for name in seconds},
+        **{f"{name} % roofline": 100 * batch / medians[name] / rooflines[name] for name in seconds},
         "transformers best": best_theirs.split(" ", 1)[1],
         "hf_vit best": best_ours.split(" ", 1)[1],
         "ratio eager": paired_ratio(seconds[f"{THEIRS} eager"], seconds[f"{OURS} eager"]),

@@ -61,6 +61,15 @@ def test_bench_inference_times_onnx_runtime_beside_pytorch(tmp_path):
     results = json.loads(results.read_text())
     assert results["onnx_check"]["max_abs_diff"] < 1e-4
     assert all(row["onnxruntime int8 img/s"] > 0 for row in results["rows"])
+    # int8 runs against the int8 GEMM's peak (printed), fp32 contenders against fp32's: no share can pass 100 % because
+    # it was divided by another dtype's peak.
+    int8_peak = max(results["matmul_peak_gflops"]["int8"].values())
+    assert f"int8 {int8_peak:.0f} GOP/s (ATen _int_mm)" in out
+    row = results["rows"][-1]  # the peaks are the best over the run: the last row's rooflines are the final ones
+    int8_roofline = int8_peak / results["forward_gflop"]
+    assert row["onnxruntime int8 % roofline"] == pytest.approx(100 * row["onnxruntime int8 img/s"] / int8_roofline)
+    fp32_share = 100 * row["onnxruntime fp32 img/s"] / row["roofline img/s"]
+    assert row["onnxruntime fp32 % roofline"] == pytest.approx(fp32_share)
 
 
 def test_bench_train_prints_its_table(tmp_path):
