@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--export",
         default="hf_vit",
         choices=("hf_vit", "transformers-vit"),
-        help="transformers-vit: a folder for stock transformers.ViTForImageClassification (no remote code)",
+        help="transformers-vit: a folder for stock transformers.ViTForImageClassification (no remote code; a feature "
+        "extractor with pre_logits becomes ViTModel, pre_logits its pooler)",
     )
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
     parser.add_argument("--verify-images", type=int, default=2, help="random inputs used by verification")

@@ -23,7 +23,7 @@ import numpy as np
 from .checkpoint import Architecture, open_checkpoint
 from .errors import ConversionError
 from .families import Family, find_family
-from .keys import Plan, plan_conversion, produce, rename_for_transformers_vit
+from .keys import Plan, plan_conversion, produce, rename_for_transformers_vit, rename_for_transformers_vit_model
 from .labels import resolve_labels
 from .model_card import CardInfo, render_model_card
 from .reference import flax_vit_forward, verification_images
@@ -79,6 +79,11 @@ class Target:
     def feature_extractor(self) -> bool:
         return self.new_head == 0
 
+    @property
+    def stock_vit_model(self) -> bool:
+        """transformers' ViTModel: the transformers-vit feature extractor of a checkpoint with pre_logits (its pooler)."""
+        return self.model_class.__name__ == "ViTModel"
+
 
 def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options) -> Path:
     """
@@ -96,7 +101,8 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options)
         labels: class names (a list, a file with one per line, `"imagenet-1k"` or `"imagenet-21k"`) for `id2label`.
         keep_pre_logits: keep the pre_logits layer when `num_labels` replaces the head.
         dtype: `"float32"`, `"bfloat16"` or `"float16"` for the saved weights.
-        export: `"hf_vit"`, or `"transformers-vit"` for stock `transformers.ViTForImageClassification`.
+        export: `"hf_vit"`, or `"transformers-vit"` for stock `transformers.ViTForImageClassification` (a feature
+            extractor with pre_logits: `ViTModel`, pre_logits as its pooler).
         verify: compare with the NumPy reference of the Flax model and fail above 1e-4 (float32 compute).
         overwrite: replace a non-empty `output_dir` (only once the new folder is complete).
         onnx: also write `onnx/model.onnx` (float32, any batch size), checked with ONNX Runtime against the PyTorch
@@ -328,13 +334,17 @@ def decide_target(family: Family, checkpoint, arch: Architecture, options: Optio
                 "--export transformers-vit: stock ViTForImageClassification pools the class token, but this checkpoint "
                 "uses the 'gap' classifier: export hf_vit instead (the default)."
             )
-        if keep_pre_logits:
+        if keep_pre_logits and new_head != 0:  # a feature extractor keeps pre_logits as ViTModel's pooler
             raise ConversionError(
                 "--export transformers-vit: stock ViTForImageClassification has no pre_logits layer, which this "
                 "checkpoint has: pass --num-labels N to replace the head (pre_logits is then dropped), or export hf_vit."
             )
     config, model_class = build_config(arch, family, options.export, size, num_labels, id2label, keep_pre_logits)
-    return Target(
+    stock_names = {
+        "ViTForImageClassification": rename_for_transformers_vit,
+        "ViTModel": rename_for_transformers_vit_model,
+    }
+    target = Target(
         image_size=size,
         grid=(size[0] // patch[0], size[1] // patch[1]),
         new_head=new_head,
@@ -342,8 +352,14 @@ def decide_target(family: Family, checkpoint, arch: Architecture, options: Optio
         num_labels=num_labels,
         config=config,
         model_class=model_class,
-        rename=rename_for_transformers_vit if options.export == "transformers-vit" else (lambda key: key),
+        rename=stock_names.get(model_class.__name__, lambda key: key),
     )
+    if target.stock_vit_model and (options.onnx or options.onnx_quantize):
+        raise ConversionError(
+            "--onnx: the stock feature extractor (transformers' ViTModel, pre_logits as its pooler) has no logits to "
+            "export to ONNX: export hf_vit (the default), whose feature extractor returns the features as logits."
+        )
+    return target
 
 
 def build_config(arch: Architecture, family: Family, export, image_size, num_labels, id2label, keep_pre_logits):
@@ -369,8 +385,10 @@ def build_config(arch: Architecture, family: Family, export, image_size, num_lab
     extra = dict(arch.extra_config)  # e.g. the hybrids' resnet_num_layers (hf_vit only: refused for transformers-vit)
     try:
         if export == "transformers-vit":
-            from transformers import ViTConfig, ViTForImageClassification
+            from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
+            if keep_pre_logits:  # a feature extractor (else refused): pre_logits is ViTModel's pooler, Linear + tanh
+                return ViTConfig(**common, pooler_output_size=arch.representation_size, pooler_act="tanh"), ViTModel
             return ViTConfig(**common), ViTForImageClassification
         from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
 
@@ -595,14 +613,18 @@ def verify_folder(folder: Path, family: Family, checkpoint, arch, target: Target
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise ConversionError(f"The converted folder does not load strictly: {problems}.")
-    head = model.classifier if hasattr(model, "classifier") else model.head
-    captured = {}
-    hook = head.register_forward_pre_hook(lambda module, inputs: captured.__setitem__("features", inputs[0]))
     images = verification_images(num_images, *target.image_size, channels=arch.num_channels)
-    with torch.inference_mode():
-        logits = model.eval()(pixel_values=torch.from_numpy(images)).logits.double().numpy()
-    hook.remove()
-    features = captured["features"].double().numpy()
+    if target.stock_vit_model:  # no head: the pooler holds pre_logits
+        with torch.inference_mode():
+            logits = features = model.eval()(pixel_values=torch.from_numpy(images)).pooler_output.double().numpy()
+    else:
+        head = model.classifier if hasattr(model, "classifier") else model.head
+        captured = {}
+        hook = head.register_forward_pre_hook(lambda module, inputs: captured.__setitem__("features", inputs[0]))
+        with torch.inference_mode():
+            logits = model.eval()(pixel_values=torch.from_numpy(images)).logits.double().numpy()
+        hook.remove()
+        features = captured["features"].double().numpy()
     del model
     inputs = images if family.reference_stem is None else family.reference_stem(checkpoint, arch, images, dtype)
     reference_features, reference_logits = flax_vit_forward(
@@ -651,6 +673,7 @@ def card_info(
         num_labels=target.num_labels,
         new_head=bool(target.new_head),
         feature_extractor=target.feature_extractor,
+        stock_vit_model=target.stock_vit_model,
         pre_logits=("kept" if target.keep_pre_logits else "dropped") if arch.representation_size else "none",
         dtype=options.dtype,
         hidden_act=family.hidden_act,

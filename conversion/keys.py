@@ -58,6 +58,13 @@ def rename_for_transformers_vit(key: str) -> str:
     raise ConversionError(f"{key!r} has no counterpart in transformers' ViTForImageClassification.")
 
 
+def rename_for_transformers_vit_model(key: str) -> str:
+    """The stock `ViTModel` name of an hf_vit key: no `vit.` prefix, and pre_logits is its pooler (Linear + tanh)."""
+    if key.startswith("pre_logits."):
+        return "pooler.dense." + key.removeprefix("pre_logits.")
+    return rename_for_transformers_vit(key).removeprefix("vit.")
+
+
 # --- named transforms: (array function, shape function) -----------------------------------------------------------
 
 
@@ -246,5 +253,6 @@ __all__ = [
     "posemb_before_cls",
     "produce",
     "rename_for_transformers_vit",
+    "rename_for_transformers_vit_model",
     "resample_position_embeddings",
 ]

@@ -54,6 +54,9 @@ class CardInfo:
     num_labels: int
     new_head: bool
     feature_extractor: bool  # the checkpoint's head was all zeros: saved without one
+    stock_vit_model: (
+        bool  # saved as transformers' ViTModel (transformers-vit feature extractor, pre_logits its pooler)
+    )
     pre_logits: str  # "kept", "dropped" or "none"
     dtype: str
     hidden_act: str
@@ -115,11 +118,18 @@ def render_model_card(info: CardInfo) -> str:
             "",
             "The head of this checkpoint is all zeros: Google zeroed the ImageNet-21k heads of these files before "
             "releasing them, so it would output 0 for every class. The model is saved without it, for "
-            "`image-feature-extraction`: with `AutoModelForImageClassification`, `logits` are the features the head "
-            "would have read "
-            + ("(after pre_logits, Linear + tanh)" if info.pre_logits == "kept" else "(the pooled token)")
-            + '; `AutoModel` and `pipeline("image-feature-extraction")` give every token after the encoder\'s '
-            "final LayerNorm. Convert again with `--num-labels N` for a new zero-initialised classifier to fine-tune.",
+            "`image-feature-extraction`: "
+            + (
+                "`AutoModel` loads transformers' `ViTModel`, whose `pooler_output` is the features the head would have "
+                "read (pre_logits, Linear + tanh of the class token, saved as its pooler) and whose `last_hidden_state` "
+                'and `pipeline("image-feature-extraction")` give every token after the encoder\'s final LayerNorm. '
+                if info.stock_vit_model
+                else "with `AutoModelForImageClassification`, `logits` are the features the head would have read "
+                + ("(after pre_logits, Linear + tanh)" if info.pre_logits == "kept" else "(the pooled token)")
+                + '; `AutoModel` and `pipeline("image-feature-extraction")` give every token after the encoder\'s '
+                "final LayerNorm. "
+            )
+            + "Convert again with `--num-labels N` for a new zero-initialised classifier to fine-tune.",
             "",
         ]
     lines += [

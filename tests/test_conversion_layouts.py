@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors import safe_open
 from test_conversion_digests import tensor_digests
 from transformers import AutoModel, AutoModelForImageClassification
@@ -152,6 +153,40 @@ def test_zeroed_head_becomes_a_feature_extractor(tmp_path, representation_size):
 
     classifier = convert(npz, tmp_path / "five", num_labels=5, log=None)  # asked for: a new head, no feature extractor
     assert len(json.loads((classifier / "config.json").read_text())["id2label"]) == 5
+
+
+def test_zeroed_head_with_pre_logits_exports_a_stock_vit_model_whose_pooler_is_pre_logits(tmp_path):
+    """`--export transformers-vit` of a 2020 ImageNet-21k file: transformers' own ViTModel, as on the Hub
+    (google/vit-base-patch16-224-in21k), its pooler (Linear + tanh of the class token) holding pre_logits."""
+    from transformers import ViTModel, pipeline
+
+    arrays = zero_head(random_vit_arrays(representation_size=24, num_classes=21843))
+    npz = save_npz(tmp_path / "ViT-B_16.npz", arrays)
+    lines = []
+    folder = convert(npz, tmp_path / "stock", export="transformers-vit", log=lines.append)
+    assert float(next(line for line in lines if line.startswith("verification")).split()[4]) <= 1e-5
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["ViTModel"] and config["pooler_output_size"] == 24 and "auto_map" not in config
+    assert not list(folder.glob("*.py"))  # stock transformers: no remote code
+    front, body = (folder / "README.md").read_text().split("---\n")[1:3]
+    assert yaml.safe_load(front)["pipeline_tag"] == "image-feature-extraction" and "`pooler_output`" in body
+
+    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert type(model) is ViTModel and not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    images = verification_images(2, 32, 32, seed=3)
+    with torch.no_grad():
+        pooled = model.eval()(torch.from_numpy(images)).pooler_output.double().numpy()
+    # the same features as hf_vit's feature extractor of the same file (its "logits" are pre_logits' output)
+    np.testing.assert_allclose(pooled, logits_of(convert(npz, tmp_path / "hf_vit", log=None), images), atol=1e-5)
+    tokens = pipeline("image-feature-extraction", model=str(folder))(Image.new("RGB", (40, 30), "white"))
+    assert np.asarray(tokens).shape == (1, 17, 32)
+
+
+def test_stock_vit_model_has_no_logits_for_onnx(tmp_path, capsys):
+    npz = save_npz(tmp_path / "ViT-B_16.npz", zero_head(random_vit_arrays(representation_size=24)))
+    with pytest.raises(ValueError, match="has no logits to export to ONNX: .*export hf_vit"):
+        convert(npz, tmp_path / "stock", export="transformers-vit", onnx=True, log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ViT-B_16.npz"]
 
 
 def test_augreg_imagenet21k_head_keeps_its_21843_class_names(tmp_path):
