@@ -138,7 +138,8 @@ def render_model_card(info: CardInfo) -> str:
     ]
     if info.export == "transformers-vit":
         lines += [
-            "This folder is for stock `transformers.ViTForImageClassification`; no remote code is needed:",
+            f"This folder is for stock `transformers.{'ViTModel' if info.stock_vit_model else 'ViTForImageClassification'}`; "
+            "no remote code is needed:",
             "",
             "```python",
             "from transformers import pipeline",

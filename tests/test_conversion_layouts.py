@@ -170,6 +170,7 @@ def test_zeroed_head_with_pre_logits_exports_a_stock_vit_model_whose_pooler_is_p
     assert not list(folder.glob("*.py"))  # stock transformers: no remote code
     front, body = (folder / "README.md").read_text().split("---\n")[1:3]
     assert yaml.safe_load(front)["pipeline_tag"] == "image-feature-extraction" and "`pooler_output`" in body
+    assert "stock `transformers.ViTModel`" in body
 
     model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
     assert type(model) is ViTModel and not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
