@@ -11,9 +11,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import secrets
-import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +23,7 @@ from .families import Family, find_family
 from .keys import Plan, plan_conversion, produce, rename_for_transformers_vit, rename_for_transformers_vit_model
 from .labels import resolve_labels
 from .model_card import CardInfo, render_model_card
+from .output_folder import building, check_output_dir, move_into_place
 from .reference import flax_vit_forward, verification_images
 from .sources import Source, file_sha256, resolve_source
 
@@ -81,7 +79,7 @@ class Target:
 
     @property
     def stock_vit_model(self) -> bool:
-        """transformers' ViTModel: the transformers-vit feature extractor of a checkpoint with pre_logits (its pooler)."""
+        """transformers' ViTModel: a transformers-vit feature extractor with pre_logits (as its pooler)."""
         return self.model_class.__name__ == "ViTModel"
 
 
@@ -216,35 +214,6 @@ def check_options(options: Options) -> None:
         convert_file_size_to_int(options.max_shard_size)
     except (ValueError, TypeError):
         raise ConversionError(f"max_shard_size must be bytes or like '5GB', got {options.max_shard_size!r}.") from None
-
-
-def export_onnx_files(folder: Path, quantize: bool, say) -> None:
-    """onnx/ files beside the weights, each checked with ONNX Runtime; the card gets their section."""
-    from hf_vit.onnx_export import OnnxExportError, export_onnx
-
-    try:
-        result = export_onnx(folder, quantize=quantize)
-    except OnnxExportError as error:
-        raise ConversionError(f"ONNX export: {error}") from None
-    figures = f"float32 max |logit diff| {result['max_abs_diff']:.1e}"
-    if quantize:
-        figures += f", int8 top-1 agreement {result['int8_top1_agreement']:.0%}"
-    say(f"wrote {', '.join(result['files'])}, checked with ONNX Runtime: {figures}")
-
-
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """OUTPUT_DIR can be created (or replaced); touches nothing."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"OUTPUT_DIR {output_dir} exists and is not a directory: choose another path.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"OUTPUT_DIR {output_dir} is not empty: pass --overwrite to replace it.")
-    parent = output_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConversionError(f"Cannot create OUTPUT_DIR {output_dir}: {parent} is a file, not a directory.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConversionError(f"Cannot write OUTPUT_DIR {output_dir}: {parent} is not writable.")
 
 
 # --- architecture and target ------------------------------------------------------------------------------------------
@@ -459,74 +428,7 @@ def load_strictly(state_dict: dict, target: Target):
     return model.eval()
 
 
-# --- the folder ---------------------------------------------------------------------------------------------------
-
-
-class building:
-    """
-    A temporary folder beside OUTPUT_DIR, created with the umask's permissions as `save_pretrained` would, and removed
-    (with any folders created above it) if the conversion fails. Its name holds this process's id, so that a later
-    conversion of the same OUTPUT_DIR can tell a folder left by a killed conversion from a running one's.
-    """
-
-    def __init__(self, output_dir: Path):
-        self.output_dir = output_dir
-        self.created = []
-        parent = output_dir.parent
-        while not parent.exists():
-            self.created.insert(0, parent)
-            parent = parent.parent
-
-    def __enter__(self) -> Path:
-        try:
-            self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_partials(self.output_dir)
-            self.path = self.output_dir.with_name(
-                f".{self.output_dir.name}.partial-{os.getpid()}-{secrets.token_hex(3)}"
-            )
-            self.path.mkdir()
-        except OSError as error:
-            self._remove_created()
-            raise ConversionError(f"Cannot create OUTPUT_DIR {self.output_dir}: {error.strerror or error}.") from None
-        return self.path
-
-    def __exit__(self, kind, error, traceback):
-        if error is None:
-            return False
-        shutil.rmtree(self.path, ignore_errors=True)
-        self._remove_created()
-        if isinstance(error, OSError):  # disk full, permissions...: the user's problem, told in one line
-            raise ConversionError(
-                f"Writing {self.output_dir} failed: {error.strerror or error}; nothing was written."
-            ) from None
-        return False
-
-    def _remove_created(self):
-        for directory in reversed(self.created):
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-
-
-def remove_stale_partials(output_dir: Path) -> None:
-    """Remove the `.NAME.partial-*` folders of conversions of the same OUTPUT_DIR that were killed, saying so."""
-    for folder in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
-        pid = folder.name.rsplit(".partial-", 1)[1].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _is_running(int(pid)):
-            continue  # another conversion of the same OUTPUT_DIR is under way
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"removed {folder}, left by an interrupted conversion", file=sys.stderr)
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# --- what goes into the folder ---------------------------------------------------------------------------------
 
 
 def save_folder(model, folder: Path, target: Target, options: Options) -> list[str]:
@@ -560,20 +462,18 @@ def quiet_progress_bars():
             transformers_logging.enable_progress_bar()
 
 
-def move_into_place(temporary: Path, output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists():
-        if any(output_dir.iterdir()) and not overwrite:  # appeared while converting
-            raise ConversionError(f"OUTPUT_DIR {output_dir} is not empty: pass --overwrite to replace it.")
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}-{secrets.token_hex(3)}")
-        output_dir.rename(old)
-        try:
-            temporary.rename(output_dir)
-        except BaseException:
-            old.rename(output_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        temporary.rename(output_dir)
+def export_onnx_files(folder: Path, quantize: bool, say) -> None:
+    """onnx/ files beside the weights, each checked with ONNX Runtime; the card gets their section."""
+    from hf_vit.onnx_export import OnnxExportError, export_onnx
+
+    try:
+        result = export_onnx(folder, quantize=quantize)
+    except OnnxExportError as error:
+        raise ConversionError(f"ONNX export: {error}") from None
+    figures = f"float32 max |logit diff| {result['max_abs_diff']:.1e}"
+    if quantize:
+        figures += f", int8 top-1 agreement {result['int8_top1_agreement']:.0%}"
+    say(f"wrote {', '.join(result['files'])}, checked with ONNX Runtime: {figures}")
 
 
 # --- verification -------------------------------------------------------------------------------------------------
