@@ -54,9 +54,7 @@ class CardInfo:
     num_labels: int
     new_head: bool
     feature_extractor: bool  # the checkpoint's head was all zeros: saved without one
-    stock_vit_model: (
-        bool  # saved as transformers' ViTModel (transformers-vit feature extractor, pre_logits its pooler)
-    )
+    stock_vit_model: bool  # saved as transformers' ViTModel (a feature extractor, pre_logits its pooler)
     pre_logits: str  # "kept", "dropped" or "none"
     dtype: str
     hidden_act: str
@@ -137,9 +135,9 @@ def render_model_card(info: CardInfo) -> str:
         "",
     ]
     if info.export == "transformers-vit":
+        stock_class = "ViTModel" if info.stock_vit_model else "ViTForImageClassification"
         lines += [
-            f"This folder is for stock `transformers.{'ViTModel' if info.stock_vit_model else 'ViTForImageClassification'}`; "
-            "no remote code is needed:",
+            f"This folder is for stock `transformers.{stock_class}`; no remote code is needed:",
             "",
             "```python",
             "from transformers import pipeline",
