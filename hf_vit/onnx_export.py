@@ -4,7 +4,8 @@ request, `onnx/model_quantized.onnx` (int8 weights, `onnxruntime.quantization.qu
 the layout transformers.js and optimum read.
 
 Works for hf_vit folders and for stock `transformers.ViTForImageClassification` folders (e.g. `hf-vit-convert ...
---export transformers-vit`): anything `AutoModelForImageClassification` loads whose forward returns `.logits`.
+--export transformers-vit`): anything `AutoModelForImageClassification` loads completely (every weight of the folder
+used, none new) whose forward returns `.logits`; a base model such as transformers' `ViTModel` is refused.
 Needs the `onnx` extra (`pip install 'hf_vit[onnx]'`: onnx, onnxruntime, onnxscript).
 
     python -m hf_vit.onnx_export MODEL_DIR [--quantize]
@@ -73,16 +74,40 @@ def require_onnx():
 def load_classifier(model_dir: str | os.PathLike) -> nn.Module:
     """The float32 classifier in `model_dir`, or an OnnxExportError saying why the folder is not one."""
     from transformers import AutoModelForImageClassification  # noqa: PLC0415
+    from transformers.utils import logging as transformers_logging  # noqa: PLC0415
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no config.json"
         raise OnnxExportError(f"{str(folder)!r} {what}: expected a model folder written by save_pretrained.")
+    verbosity, progress_bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()  # a loading report would come before the one line said below
+    transformers_logging.disable_progress_bar()
     try:
-        return AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as error:
+        model, info = AutoModelForImageClassification.from_pretrained(
+            folder, dtype=torch.float32, output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # RuntimeError: weights of the wrong shapes
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OnnxExportError(f"{str(folder)!r} does not load as an image classifier: {first_line}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if progress_bars:
+            transformers_logging.enable_progress_bar()
+    # A base model (e.g. transformers' ViTModel with its pooler) loads as a classifier with a new random head and
+    # without some of its weights: the export would not be the folder's model.
+    unused = sorted(info["unexpected_keys"])
+    new = sorted(info["missing_keys"]) + sorted(
+        key if isinstance(key, str) else key[0] for key in info["mismatched_keys"]
+    )
+    if unused or new:
+        names = ", ".join(unused[:2] + new[:2])
+        raise OnnxExportError(
+            f"{str(folder)!r} is not a complete image classifier: loading it as one leaves {len(unused)} of its "
+            f"weights unused and initialises {len(new)} at random ({names}): export the classifier folder (a "
+            "feature extractor's ONNX needs an hf_vit folder, whose logits are the features)."
+        )
+    return model
 
 
 def _parameter_bytes(model: nn.Module) -> int:

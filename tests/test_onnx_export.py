@@ -14,9 +14,9 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from conftest import randomize_, tiny_config  # noqa: E402
-from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
+from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
-from hf_vit import VisionTransformerForImageClassification, onnx_export  # noqa: E402
+from hf_vit import VisionTransformerForImageClassification, VisionTransformerModel, onnx_export  # noqa: E402
 from hf_vit.onnx_export import OnnxExportError, export_onnx  # noqa: E402
 
 
@@ -94,6 +94,21 @@ def test_stock_transformers_vit_folder_exports_too(tmp_path):
     np.testing.assert_allclose(onnx_logits(tmp_path / "onnx/model.onnx", pixel_values), torch_logits(model, pixel_values), atol=1e-4, rtol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize("base", ["ViTModel", "hf_vit-base"])
+def test_a_folder_without_a_classifier_is_refused_not_exported_headless(tmp_path, base):
+    """A base model (transformers' ViTModel with its pooler, hf_vit's VisionTransformerModel) loaded as a classifier
+    would get a random or missing head and lose weights it has: the export would not be the folder's model."""
+    if base == "ViTModel":
+        config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=37, num_labels=0)  # fmt: skip
+        ViTModel(config).save_pretrained(tmp_path)
+    else:
+        VisionTransformerModel(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(OnnxExportError, match="is not a complete image classifier: .* export the classifier folder"):
+        export_onnx(tmp_path)
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "README.md").exists()
+
+
 def test_a_loaded_model_exports_into_output_dir_and_keeps_its_dtype(tmp_path):
     model = randomize_(VisionTransformerForImageClassification(tiny_config())).to(torch.bfloat16).train()
     result = export_onnx(model, tmp_path / "out")
@@ -119,13 +134,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("what", ["missing", "no-config", "not-a-model"])
+@pytest.mark.parametrize("what", ["missing", "no-config", "not-a-model", "base-model"])
 def test_cli_bad_folder_is_one_line_exit_2_and_writes_nothing(tmp_path, what):
     folder = tmp_path / "model"
     if what != "missing":
         folder.mkdir()
     if what == "not-a-model":
         (folder / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
+    if what == "base-model":  # no classifier: transformers' loading report must not come before the line
+        VisionTransformerModel(tiny_config()).save_pretrained(folder)
     done = run_cli(str(folder))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
