@@ -10,7 +10,8 @@ Contenders, for each dtype and batch size (weights cast with `.to(dtype)`, as `f
 The ONNX Runtime rows run in the fp32 pass (the export is float32), on CPU, with the hf_vit model's weights, and need
 the `onnx` extra; `--no-onnx` leaves them out. Percentages are of the roofline: the fastest GEMM torch offers in the
 dtype (ATen/MKL or oneDNN, plain or pre-packed weights; each is printed), times the model's analytic FLOPs; the int8
-row's is the int8 GEMM's (`torch._int_mm`), so no contender can pass 100 %.
+row's is the int8 GEMM's (`torch._int_mm`), so no contender can pass 100 %. On CPU a second table says how much of each
+eager forward is outside the GEMMs, and so how close to the roofline a faster GEMM alone could bring it.
 
 Usage:
     python benchmarks/bench_inference.py                       # fp32 and bf16, batch 1, 8, 32 (about 6 minutes)
@@ -43,6 +44,7 @@ from common import (  # noqa: E402
     comparison_columns,
     format_table,
     forward_flops,
+    gemm_bound,
     gemm_peaks,
     hardware,
     interleaved,
@@ -116,7 +118,7 @@ def make_step(spec: dict[str, object]):
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     config = our_config(tiny=args.tiny)
-    flops = forward_flops(config)
+    flops, gemm_flops = forward_flops(config), forward_flops(config, attention=False)
     rows, peaks, device, onnx_checks = [], {}, args.device, {}
     workdir = tempfile.mkdtemp(prefix="bench-onnx-")
     for dtype_name in args.dtypes:
@@ -149,10 +151,18 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             if sessions:  # int8 weights and activations: measured against the int8 GEMM peak, not the fp32 one
                 peaks["int8"] = merge_peaks(peaks["int8"], gemm_peaks(torch.int8, args.tiny, repeats=3, device=device))
                 int8_roofline = {ORT[1]: max(peaks["int8"].values()) * 1e9 / flops}
+            peak = max(peaks[dtype_name].values()) * 1e9
+            bounds = {}
+            if device == "cpu":  # where the rest of the time goes, for the eager forwards (one profiled call each)
+                with torch.inference_mode():
+                    for name in (f"{THEIRS} eager", f"{OURS} eager"):
+                        bound = gemm_bound(calls[name], batch * flops, batch * gemm_flops, peak)
+                        bounds.update({f"{name} {key}": value for key, value in bound.items()})
             row = {
                 "dtype": dtype_name,
                 "batch": batch,
-                **compare(seconds, batch, max(peaks[dtype_name].values()) * 1e9 / flops, int8_roofline),
+                **compare(seconds, batch, peak / flops, int8_roofline),
+                **bounds,
                 "max |logit diff|": difference,
                 "first call s": {name: first for name, (first, _) in warm_seconds.items()},
             }
@@ -200,6 +210,24 @@ def report(results: dict[str, object], compiled: bool) -> str:
         "",
         format_table(results["rows"], columns),
     ]
+    if f"{OURS} eager % ceiling" in results["rows"][0]:
+        lines += [
+            "",
+            "Outside the GEMMs (one profiled eager call each): the share of the forward's operator time spent outside "
+            "the linears and the patch convolution (attention, LayerNorm, adds, and GELU where it is not fused into "
+            "the linear), and the most of the roofline the forward could reach if every GEMM ran at the peak and the "
+            "rest took what it took:",
+            "",
+            format_table(
+                results["rows"],
+                [("dtype", "dtype", "{}"), ("batch", "batch", "{}")]
+                + [
+                    (f"{name} eager {key}", f"{name} eager {key}", "{:.0f}%")
+                    for name in (THEIRS, OURS)
+                    for key in ("% outside GEMMs", "% ceiling")
+                ],
+            ),
+        ]
     check = results["onnx_check"]
     if check:
         lines += [

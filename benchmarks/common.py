@@ -87,8 +87,11 @@ def max_logit_difference(models: dict[str, torch.nn.Module], pixel_values: torch
     return (logits[0] - logits[1]).abs().max().item()
 
 
-def forward_flops(config: VisionTransformerConfig, image_size: int | None = None) -> float:
-    """Analytic FLOPs (2 per multiply-add) of one image's forward: 35.13e9 for ViT-B/16 at 224."""
+def forward_flops(config: VisionTransformerConfig, image_size: int | None = None, attention: bool = True) -> float:
+    """
+    Analytic FLOPs (2 per multiply-add) of one image's forward: 35.13e9 for ViT-B/16 at 224; `attention=False` leaves
+    out the products inside attention (q k^T, probabilities @ v), leaving what the linears and the patch convolution do.
+    """
     image_size = image_size or config.image_size
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     num_patches = (image_size // patch) ** 2
@@ -97,7 +100,7 @@ def forward_flops(config: VisionTransformerConfig, image_size: int | None = None
     embedding = 2 * num_patches * config.num_channels * patch * patch * hidden
     per_layer = (
         2 * tokens * hidden * 3 * hidden  # query, key, value
-        + 2 * 2 * tokens * tokens * hidden  # q k^T and probabilities @ v
+        + (2 * 2 * tokens * tokens * hidden if attention else 0)  # q k^T and probabilities @ v
         + 2 * tokens * hidden * hidden  # out
         + 2 * 2 * tokens * hidden * mlp  # fc1, fc2
     )
@@ -242,6 +245,31 @@ def top_ops(function: Callable[[], object], row_limit: int = 12, device: str = "
         synchronize(device)
     sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+
+
+# What the profiler calls the GEMMs of a forward outside attention: the linears (oneDNN's, with the GELU where it is
+# fused into them, or ATen's addmm/mm/bmm) and the patch convolution. Everything else - attention (its products are 4 %
+# of ViT-B's FLOPs, its softmax is the cost), LayerNorm, residual adds, copies - is "outside the GEMMs".
+GEMM_OPS = frozenset({"mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution"})
+
+
+def gemm_bound(function: Callable[[], object], flops: float, gemm_flops: float, peak: float) -> dict[str, float]:
+    """
+    Profile one CPU call of `function` (a forward of `flops`, `gemm_flops` of them in `GEMM_OPS`): the share of its
+    operator time spent outside the GEMMs, and the share of the roofline (`peak` FLOP/s) the forward would reach if
+    its GEMMs ran at the peak while the rest took what it took - what a faster GEMM alone could give.
+    """
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        function()
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events) / 1e6
+    outside = total - sum(event.self_cpu_time_total for event in events if event.key in GEMM_OPS) / 1e6
+    return {
+        "% outside GEMMs": 100 * outside / total,
+        "% ceiling": 100 * (flops / peak) / (gemm_flops / peak + outside),
+    }
 
 
 def machine(device: str = "cpu") -> dict[str, object]:
