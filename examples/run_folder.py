@@ -232,6 +232,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every process has written its share (its RNG states) before the rename
     if accelerator.is_main_process:
         (partial / "training_state.json").write_text(json.dumps(training_state))
         if final.exists():
@@ -239,7 +240,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
         os.replace(partial, final)
         earlier = [folder for folder in checkpoint_folders(output_dir) if checkpoint_step(folder) < step]
         later = [folder for folder in checkpoint_folders(output_dir) if checkpoint_step(folder) > step]
-        for old in later + (earlier[: max(0, len(earlier) - (keep - 1))] if keep > 0 else []):
+        unfinished = list((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*.partial"))  # of killed saves
+        for old in later + unfinished + (earlier[: max(0, len(earlier) - (keep - 1))] if keep > 0 else []):
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

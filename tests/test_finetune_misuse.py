@@ -117,11 +117,25 @@ def test_pruning_never_deletes_the_checkpoint_it_just_wrote(tmp_path):
     # of [20, 80, 100] deleted step 20 as soon as it was written.
     for step in (80, 100):
         (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000010.partial").mkdir()  # a save killed halfway
     final = finetune.save_checkpoint(FakeAccelerator(), tmp_path, 20, {"completed_steps": 20}, keep=2)
     assert final.is_dir() and finetune.checkpoint_folders(tmp_path) == [final]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000020"]
     for step in (30, 40):
         finetune.save_checkpoint(FakeAccelerator(), tmp_path, step, {"completed_steps": step}, keep=2)
     assert [f.name for f in finetune.checkpoint_folders(tmp_path)] == ["step_000030", "step_000040"]
+
+
+def test_two_processes_write_complete_checkpoints_and_no_partials(tmp_path):
+    # The main process renamed step_N.partial to step_N while rank 1 was still writing its random_states_1.pkl: rank 1
+    # then recreated the .partial folder (never pruned) or crashed on the vanished one, and the checkpoint lacked it.
+    output = tmp_path / "out"
+    args = quick(output, "--max_train_steps", "30", "--checkpointing_steps", "1", "--eval_steps", "30")
+    result = run_script([*args, "--checkpoints_total_limit", "0"], tmp_path / "home", launcher=two_processes())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in range(1, 30)]
+    for checkpoint in finetune.checkpoint_folders(output):
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}, checkpoint
 
 
 # ---- everything is checked before anything is written
