@@ -143,15 +143,16 @@ def download(url: str, destination: Path, *, progress: bool = True, timeout: flo
     partial = destination.with_name(destination.name + ".partial")
     by_hand = f"fetch it by hand (curl -L -o '{destination}' '{url}') or pass a local .npz as SOURCE"
     try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as file:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            destination.parent.mkdir(parents=True, exist_ok=True)  # only once the server answers: offline, no trace
             total = int(response.headers.get("Content-Length") or 0) or None
             bar = _progress_bar(total, destination.name, progress)
-            while chunk := response.read(1 << 20):
-                file.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
+            with open(partial, "wb") as file:
+                while chunk := response.read(1 << 20):
+                    file.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
             bar.close()
         if total is not None and partial.stat().st_size != total:
             raise OSError(f"received {partial.stat().st_size} of {total} bytes")
