@@ -36,7 +36,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -50,7 +49,14 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    LoggerType,
+    TorchDynamoPlugin,
+    set_seed,
+)
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -70,10 +76,12 @@ from run_folder import (  # noqa: E402
     RunFolderError,
     checkpoint_folders,
     checkpoint_to_resume,
+    keep_run_folder,
     plan_output_dir,
-    prepare_output_dir,
     run_identity,
     save_checkpoint,
+    start_run_folder,
+    undo_run_folder,
 )
 
 
@@ -217,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Delete what OUTPUT_DIR holds (another run's model, checkpoints) and start a new run there.",
+        help="Replace what OUTPUT_DIR holds (another run's model, checkpoints) with a new run: deleted once the new run "
+        "is set up, left as it was if it fails before.",
     )
     run.add_argument("--eval_steps", type=int, default=100, help="Evaluate every N steps (and at the end).")
     run.add_argument(
@@ -253,9 +262,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--crop_scale MIN MAX needs 0 < MIN <= MAX <= 1, got {low} {high}.")
     if not 0 <= args.validation_split_percentage < 100:
         parser.error(f"--validation_split_percentage must be in [0, 100), got {args.validation_split_percentage}.")
-    for name in ("max_train_steps", "eval_steps", "logging_steps", "checkpointing_steps", "total_batch_size"):
-        if getattr(args, name) <= 0:
+    # Numbers that would otherwise fail deep inside torch (a DataLoader, SGD) with a traceback, or train nonsense.
+    positive = ("max_train_steps", "eval_steps", "logging_steps", "checkpointing_steps", "total_batch_size")
+    positive += ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size")
+    positive += ("learning_rate", "image_size", "max_train_samples", "max_eval_samples")
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    not_negative = ("momentum", "weight_decay", "max_grad_norm", "num_warmup_steps", "checkpoints_total_limit")
+    for name in (*not_negative, "dataloader_num_workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}.")
+    if args.with_tracking:
+        # accelerate silently logs nowhere for a tracker it doesn't know or that isn't installed
+        known = [tracker.value for tracker in LoggerType]
+        installed = [tracker.value for tracker in get_available_trackers()]
+        if args.report_to not in known:
+            parser.error(
+                f"--report_to {args.report_to} is not a tracker accelerate knows"
+                f"{close_matches(args.report_to, known)}: choose from {', '.join(known)}."
+            )
+        if args.report_to != "all" and args.report_to not in installed:
+            parser.error(
+                f"--report_to {args.report_to}: the {args.report_to} package is not installed: pip install it, or "
+                f"report to {' or '.join(installed) or 'nothing (drop --with_tracking)'}."
+            )
     return args
 
 
@@ -288,6 +319,9 @@ def load_digits_dataset() -> datasets.DatasetDict:
 def load_image_dataset(args: argparse.Namespace) -> datasets.DatasetDict:
     """The dataset the arguments name, as a DatasetDict; a one-line UsageError when it can't be loaded."""
     source = args.dataset_name
+    for flag, folder in (("--train_dir", args.train_dir), ("--validation_dir", args.validation_dir)):
+        if folder and not Path(folder).is_dir():  # before datasets caches an empty dataset under its name
+            raise UsageError(f"{flag} {folder} is not a folder: give a folder of images, one sub-folder per class.")
     try:
         if args.train_dir or args.validation_dir:
             source = args.train_dir or args.validation_dir
@@ -377,8 +411,8 @@ def prepare_splits(dataset: datasets.DatasetDict, args: argparse.Namespace):
     if report_name is None:
         if selection is None:
             raise UsageError(
-                f"dataset {args.dataset_name!r} has only a train split: pass --validation_split_percentage or "
-                "--validation_dir."
+                f"dataset {args.dataset_name!r} has no test or validation split (it has {', '.join(dataset)}): pass "
+                "--validation_split_percentage or --validation_dir."
             )
         report, report_name, selection, selection_name = selection, selection_name, None, None
     else:
@@ -617,6 +651,8 @@ def known_config_fields(args: argparse.Namespace) -> set[str] | None:
 
 def check_config_overrides(overrides: dict, known: set[str] | None) -> None:
     for key in overrides:
+        if key in ("num_labels", "id2label", "label2id"):
+            raise UsageError(f"--config_overrides: {key} is set from the dataset's classes: leave it out.")
         if known is not None and key not in known:
             raise UsageError(
                 f"--config_overrides: {key!r} is not a field of the model's config{close_matches(key, sorted(known))}."
@@ -694,7 +730,7 @@ def load_model(args: argparse.Namespace, overrides: dict, labels: list[str], acc
                 f"weights of {args.model_name_or_path} have other shapes than a model for {len(labels)} classes at "
                 "this resolution: pass --ignore_mismatched_sizes to re-initialise them (e.g. the head)"
             )
-        raise UsageError(f"cannot build the model: {message}.") from None
+        raise UsageError(f"cannot build the model: {message.rstrip('.')}.") from None
 
 
 def resize_position_embeddings(model, image_size: int):
@@ -1093,18 +1129,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.push_to_hub and accelerator.is_main_process:
         # Create the repo first: a bad token or name fails now, not after hours of training.
         repo_id = HfApi().create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
-    created = False
+    created, set_aside = False, None
     if accelerator.is_main_process:
-        created = prepare_output_dir(output_dir, folder_plan, identity)
+        created, set_aside = start_run_folder(output_dir, folder_plan)
     accelerator.wait_for_everyone()
     try:
         setup = set_up_training(
             args, accelerator, overrides, labels, (train, train_pixels), (selection, report), per_device
         )
-    except BaseException:  # nothing trained yet: leave no folder behind that this run created
-        if created:
-            shutil.rmtree(output_dir, ignore_errors=True)
+        state = load_checkpoint(accelerator, checkpoint, args.max_train_steps) if checkpoint else None
+    except BaseException:  # nothing trained yet: the folder goes back to what it was (or away, if this run made it)
+        if accelerator.is_main_process:
+            undo_run_folder(output_dir, folder_plan, created, set_aside)
         raise
+    if accelerator.is_main_process:
+        keep_run_folder(output_dir, set_aside, identity)
     model, provenance, optimizer, lr_scheduler, loaders, image_size = setup
     train_dataloader, monitor_dataloader, report_dataloader = loaders
     monitor_split, monitor_name = (selection, selection_name) if selection is not None else (report, report_name)
@@ -1119,18 +1158,9 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed_before, recorded_changes = 0.0, []
     if args.resume_from_checkpoint == "latest" and checkpoint is None:
         logger.info(f"No checkpoint in {output_dir / 'checkpoints'}: starting from scratch.")
-    if checkpoint:
-        try:
-            accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, scaler, RNG states
-        except Exception as error:  # a checkpoint of another model, or a damaged one
-            raise UsageError(f"cannot resume from {checkpoint}: {str(error).strip().splitlines()[0]}") from None
-        state = json.loads((checkpoint / "training_state.json").read_text())
+    if state:
         completed_steps, history, elapsed_before = state["completed_steps"], state["history"], state["elapsed"]
         recorded_changes = state.get("changes", [])
-        if completed_steps >= args.max_train_steps:
-            raise UsageError(
-                f"{checkpoint} is at step {completed_steps}, not before --max_train_steps {args.max_train_steps}."
-            )
         if changes:
             recorded_changes = [*recorded_changes, {"step": completed_steps, "changes": changes}]
             logger.warning(f"Resumed with changed arguments (--allow_changed_arguments): {'; '.join(changes)}.")
@@ -1244,92 +1274,115 @@ def main(argv: list[str] | None = None) -> dict:
                         )
                     if completed_steps >= args.max_train_steps:
                         break
+
+        train_runtime = elapsed_before + time.time() - started  # wall time, all sessions, loading included
+
+        # ---- final evaluation, model, card, results
+        report_accuracy, predictions, references = evaluate_split(model, report_dataloader, accelerator, metric)
+        selection_accuracy = history["eval_accuracy"][-1] if selection is not None else None
+        best = int(np.argmax(history["eval_accuracy"]))
+        results = {
+            "eval_accuracy": report_accuracy,
+            "eval_split": report_name,
+            "eval_samples": len(report),
+            "selection_accuracy": selection_accuracy,
+            "selection_split": selection_name,
+            "selection_samples": len(selection) if selection is not None else None,
+            "best_eval_accuracy": history["eval_accuracy"][best],
+            "best_eval_step": history["eval_step"][best],
+            "best_eval_split": monitor_name,
+            "monitor_samples": len(monitor_split),
+            "train_loss": history["loss"][-1],
+            "train_steps": completed_steps,
+            "train_samples": len(train),
+            "epochs": completed_steps * args.total_batch_size / len(train),
+            "train_runtime": train_runtime,
+            "train_samples_per_second": completed_steps * args.total_batch_size / max(train_runtime, 1e-9),
+            # after the first --logging_steps of the last session (start-up, compilation), evaluations included
+            "steady_train_samples_per_second": steady_images_per_second,
+            "total_batch_size": args.total_batch_size,
+            "num_processes": num_processes,
+        }
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(
+            output_dir,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=accelerator.get_state_dict(model),
+        )
+        if accelerator.is_main_process:
+            plot_training_curves(history, monitor_name, output_dir / "training_curves.png")
+            plot_confusion_matrix(
+                references,
+                predictions,
+                labels,
+                f"{report_name}: accuracy {report_accuracy:.4f}",
+                output_dir / "confusion_matrix.png",
+            )
+            config = unwrapped.config
+            facts = {
+                "provenance": provenance,
+                "labels": labels,
+                "train_samples": len(train),
+                "monitor_split": monitor_name,
+                "image_size": image_size[0] if image_size[0] == image_size[1] else f"{image_size[0]}x{image_size[1]}",
+                "architecture": f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                f"{config.num_attention_heads} heads, MLP {config.intermediate_size}, patch {config.patch_size}, "
+                f"classifier {config.classifier}, {unwrapped.num_parameters():,} parameters",
+                "total_batch_size": args.total_batch_size,
+                "per_device_train_batch_size": per_device,
+                "gradient_accumulation_steps": accumulation,
+                "num_processes": num_processes,
+                "mixed_precision": accelerator.mixed_precision,
+                "hardware": hardware_description(accelerator),
+                "argv": sys.argv[1:] if argv is None else argv,
+                "changes": recorded_changes,
+            }
+            write_model_card(output_dir, args, results, facts)
+            (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(f"{report_name} accuracy: {report_accuracy:.4f} ({len(report)} images) -> {output_dir}")
+            if args.push_to_hub:
+                HfApi().upload_folder(
+                    repo_id=repo_id,
+                    folder_path=str(output_dir),
+                    commit_message=f"examples/finetune.py: {report_name} accuracy {report_accuracy:.4f}",
+                    ignore_patterns=["checkpoints/**", ".converted/**", "*.partial/**", "run.json"],
+                )
+        if args.with_tracking:
+            accelerator.end_training()
+        accelerator.wait_for_everyone()
     except KeyboardInterrupt:  # Ctrl-C, or the SIGTERM with which `accelerate launch` stops its child
         found = checkpoint_folders(output_dir)
         where = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        when = "while writing the final model, after" if completed_steps == args.max_train_steps else "at"
         raise Interrupted(
-            f"interrupted at step {completed_steps} of {args.max_train_steps}; {where}. Continue with the same command "
-            "and --resume_from_checkpoint latest."
+            f"interrupted {when} step {completed_steps} of {args.max_train_steps}; {where}. Continue with the same "
+            "command and --resume_from_checkpoint latest."
         ) from None
 
-    train_runtime = elapsed_before + time.time() - started  # wall time, all sessions, loading included
-
-    # ---- final evaluation, model, card, results
-    report_accuracy, predictions, references = evaluate_split(model, report_dataloader, accelerator, metric)
-    selection_accuracy = history["eval_accuracy"][-1] if selection is not None else None
-    best = int(np.argmax(history["eval_accuracy"]))
-    results = {
-        "eval_accuracy": report_accuracy,
-        "eval_split": report_name,
-        "eval_samples": len(report),
-        "selection_accuracy": selection_accuracy,
-        "selection_split": selection_name,
-        "selection_samples": len(selection) if selection is not None else None,
-        "best_eval_accuracy": history["eval_accuracy"][best],
-        "best_eval_step": history["eval_step"][best],
-        "best_eval_split": monitor_name,
-        "monitor_samples": len(monitor_split),
-        "train_loss": history["loss"][-1],
-        "train_steps": completed_steps,
-        "train_samples": len(train),
-        "epochs": completed_steps * args.total_batch_size / len(train),
-        "train_runtime": train_runtime,
-        "train_samples_per_second": completed_steps * args.total_batch_size / max(train_runtime, 1e-9),
-        # after the first --logging_steps of the last session (start-up, compilation), evaluations included
-        "steady_train_samples_per_second": steady_images_per_second,
-        "total_batch_size": args.total_batch_size,
-        "num_processes": num_processes,
-    }
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(
-        output_dir,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
-    )
-    if accelerator.is_main_process:
-        plot_training_curves(history, monitor_name, output_dir / "training_curves.png")
-        plot_confusion_matrix(
-            references,
-            predictions,
-            labels,
-            f"{report_name}: accuracy {report_accuracy:.4f}",
-            output_dir / "confusion_matrix.png",
-        )
-        config = unwrapped.config
-        facts = {
-            "provenance": provenance,
-            "labels": labels,
-            "train_samples": len(train),
-            "monitor_split": monitor_name,
-            "image_size": image_size[0] if image_size[0] == image_size[1] else f"{image_size[0]}x{image_size[1]}",
-            "architecture": f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"{config.num_attention_heads} heads, MLP {config.intermediate_size}, patch {config.patch_size}, "
-            f"classifier {config.classifier}, {unwrapped.num_parameters():,} parameters",
-            "total_batch_size": args.total_batch_size,
-            "per_device_train_batch_size": per_device,
-            "gradient_accumulation_steps": accumulation,
-            "num_processes": num_processes,
-            "mixed_precision": accelerator.mixed_precision,
-            "hardware": hardware_description(accelerator),
-            "argv": sys.argv[1:] if argv is None else argv,
-            "changes": recorded_changes,
-        }
-        write_model_card(output_dir, args, results, facts)
-        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"{report_name} accuracy: {report_accuracy:.4f} ({len(report)} images) -> {output_dir}")
-        if args.push_to_hub:
-            HfApi().upload_folder(
-                repo_id=repo_id,
-                folder_path=str(output_dir),
-                commit_message=f"examples/finetune.py: {report_name} accuracy {report_accuracy:.4f}",
-                ignore_patterns=["checkpoints/**", ".converted/**", "*.partial/**", "run.json"],
-            )
-    if args.with_tracking:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
     return results
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, max_train_steps: int) -> dict:
+    """Load `checkpoint` into the prepared model, optimizer, scheduler and RNGs; its training_state.json."""
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    if state["completed_steps"] >= max_train_steps:
+        raise UsageError(
+            f"{checkpoint} is at step {state['completed_steps']}, not before --max_train_steps {max_train_steps}: "
+            "raise --max_train_steps (with --allow_changed_arguments) to train on."
+        )
+    try:
+        accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, scaler, RNG states
+    except Exception as error:  # a checkpoint of another model, or a damaged one
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+        # load_state_dict's first line only says "Error(s) in loading state_dict for X:"; the next one says what.
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        raise UsageError(
+            f"cannot resume from {checkpoint}: it does not fit the model this command builds ({detail.rstrip(':.')}); "
+            "resume with the model arguments of the run that wrote it."
+        ) from None
+    return state
 
 
 def exit_with(line: str, status: int, every_process: bool = False) -> None:

@@ -1,7 +1,7 @@
 """The output folder of an `examples/finetune.py` run: which run owns it, its checkpoints, and what a resume may change.
 
 A run writes `OUTPUT_DIR/run.json` (what defines it: the arguments below, the data's fingerprints, the model source)
-before anything else, and the same record into every checkpoint. So a new run can tell its own folder from another
+once it is set up, and the same record into every checkpoint. So a new run can tell its own folder from another
 run's, `--resume_from_checkpoint latest` continues only the run that wrote the checkpoints, and a resume that
 changes what the run is (learning rate, steps, data...) is refused by name unless `--allow_changed_arguments` says so.
 
@@ -130,9 +130,12 @@ def check_writable(output_dir: Path) -> None:
 
 def describe_contents(output_dir: Path) -> str:
     found = checkpoint_folders(output_dir)
+    model = (output_dir / "config.json").exists() or (output_dir / "model.safetensors").exists()
     if found:
-        return f"the checkpoints of another run (up to step {checkpoint_step(found[-1])})"
-    if (output_dir / "config.json").exists() or (output_dir / "model.safetensors").exists():
+        finished = (output_dir / "all_results.json").exists()
+        what = "a finished run: its model, and checkpoints" if finished else "the checkpoints of a run"
+        return f"{what} up to step {checkpoint_step(found[-1])}"
+    if model:
         return "a model"
     names = sorted(p.name for p in output_dir.iterdir())
     return f"{len(names)} entries ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
@@ -155,7 +158,9 @@ def plan_output_dir(args) -> str:
         recorded = read_run_file(output_dir)
         if recorded is not None or checkpoint_folders(output_dir):
             return "resume"
-    hint = "" if args.resume_from_checkpoint else "--resume_from_checkpoint latest to continue the run that wrote it, "
+    finished = (output_dir / "all_results.json").exists()  # written last: the run that wrote it has ended
+    resumable = not (args.resume_from_checkpoint or finished)
+    hint = "--resume_from_checkpoint latest to continue the run that wrote it, " if resumable else ""
     raise RunFolderError(
         f"--output_dir {output_dir} already holds {describe_contents(output_dir)}: pass {hint}--overwrite_output_dir "
         "to replace it, or choose another folder."
@@ -203,15 +208,44 @@ def checkpoint_to_resume(args, identity: dict) -> tuple[Path | None, list[str]]:
     return checkpoint, differences
 
 
-def prepare_output_dir(output_dir: Path, plan: str, identity: dict) -> bool:
-    """Create (or empty, for 'overwrite') the folder and write run.json; True if this call created the folder."""
+def start_run_folder(output_dir: Path, plan: str) -> tuple[bool, Path | None]:
+    """(whether this call created OUTPUT_DIR, the folder inside it holding what it held before, for 'overwrite').
+
+    'overwrite' moves the old contents aside instead of deleting them: they are deleted by `keep_run_folder` once the
+    new run is set up, and put back by `undo_run_folder` if it fails before that (a model that can't be built, a
+    checkpoint that doesn't load), so bad input never costs the run that was there."""
     created = not output_dir.exists()
-    if plan == "overwrite":
-        for entry in output_dir.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
+    set_aside = None
+    if plan == "overwrite":
+        set_aside = Path(tempfile.mkdtemp(prefix=".replaced-", dir=output_dir))
+        for entry in output_dir.iterdir():
+            if entry != set_aside:
+                entry.rename(set_aside / entry.name)
+    return created, set_aside
+
+
+def keep_run_folder(output_dir: Path, set_aside: Path | None, identity: dict) -> None:
+    """The run is set up (model built, checkpoint loaded): record it in run.json, delete what it replaces."""
     write_json_atomically(output_dir / RUN_FILE, identity)
-    return created
+    if set_aside is not None:
+        shutil.rmtree(set_aside)
+
+
+def undo_run_folder(output_dir: Path, plan: str, created: bool, set_aside: Path | None) -> None:
+    """The run failed before `keep_run_folder`: leave OUTPUT_DIR as it was (gone, if this run created it)."""
+    if created:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return
+    if plan == "resume":  # nothing was written: run.json and the checkpoints are the resumed run's
+        return
+    for entry in output_dir.iterdir():  # what this run wrote (a converted .npz) into a folder empty or set aside
+        if entry != set_aside:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    if set_aside is not None:
+        for entry in set_aside.iterdir():
+            entry.rename(output_dir / entry.name)
+        set_aside.rmdir()
 
 
 def write_json_atomically(path: Path, value) -> None:

@@ -1,6 +1,7 @@
 """examples/finetune.py under misuse: a run owns its folder, errors are one line through `accelerate launch`, bad input
 is found before anything is written, and Ctrl-C says how to resume."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -48,7 +49,7 @@ def test_a_folder_with_another_runs_checkpoints_is_refused_and_latest_does_not_r
     reused = tmp_path / "reused"
     shutil.copytree(earlier_run / "checkpoints", reused / "checkpoints")  # the issue's `cp -r runA/checkpoints runH/`
     args = quick(reused, "--max_train_steps", "3", "--checkpointing_steps", "1")
-    with pytest.raises(finetune.RunFolderError, match=r"holds the checkpoints of another run \(up to step 5\)"):
+    with pytest.raises(finetune.RunFolderError, match=r"holds the checkpoints of a run up to step 5:"):
         in_process(args)
     # Resuming them under other arguments names what differs; before, it resumed at step 5 of a 3-step run.
     with pytest.raises(finetune.RunFolderError, match=r"--max_train_steps 6 -> 3"):
@@ -68,10 +69,19 @@ def test_checkpoints_without_a_run_record_are_not_resumed(earlier_run, in_proces
         in_process(quick(legacy, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
 
 
+def test_running_again_into_a_finished_run_says_it_is_finished(earlier_run, in_process):
+    # It said "the checkpoints of another run" and advised resuming them, which would train steps 6.. again.
+    message = "holds a finished run: its model, and checkpoints up to step 5: pass --overwrite_output_dir to replace"
+    with pytest.raises(finetune.RunFolderError, match=message):
+        in_process(quick(earlier_run))
+
+
 def test_a_folder_holding_a_model_is_not_overwritten_without_being_told(earlier_run, in_process):
     (earlier_run / "checkpoints").rename(earlier_run.parent / "moved")
     before = (earlier_run / "model.safetensors").read_bytes()
-    with pytest.raises(finetune.RunFolderError, match="already holds a model: pass --resume_from_checkpoint latest"):
+    with pytest.raises(
+        finetune.RunFolderError, match="already holds a model: pass --overwrite_output_dir to replace it"
+    ):
         in_process(quick(earlier_run))
     assert (earlier_run / "model.safetensors").read_bytes() == before
 
@@ -83,6 +93,42 @@ def test_overwrite_output_dir_really_starts_clean(earlier_run, in_process):
     assert not (earlier_run / "notes.txt").exists() and finetune.checkpoint_folders(earlier_run) == []
     run = json.loads((earlier_run / "run.json").read_text())
     assert run["arguments"]["max_train_steps"] == 2 and set(run["data"]) == {"train", "test"}
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_overwrite_that_fails_before_training_leaves_the_old_run_as_it_was(earlier_run, in_process):
+    # It used to empty the folder first: a model that could not be built cost the run that was there.
+    before = contents(earlier_run)
+    overrides = QUICK[QUICK.index("--config_overrides") + 1].replace("hidden_size=32", "hidden_size=30")
+    args = quick(earlier_run, "--overwrite_output_dir", "--config_overrides", overrides)
+    with pytest.raises(
+        finetune.UsageError, match=r"cannot build the model: hidden_size \(30\) must be divisible"
+    ) as error:
+        in_process(args)
+    assert not str(error.value).endswith("..")
+    assert contents(earlier_run) == before and sorted(p.name for p in earlier_run.iterdir() if p.name[0] == ".") == []
+
+
+def test_a_resume_that_fails_changes_nothing_and_the_right_command_still_resumes(earlier_run, in_process, tmp_path):
+    (earlier_run / "model.safetensors").unlink()
+    before = contents(earlier_run)
+    args = quick(earlier_run, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    # Past the checkpoint's step: refused, and (before) run.json already said --max_train_steps 3.
+    wrong = [*args[:-4], "--max_train_steps", "3", *args[-2:], "--allow_changed_arguments"]
+    with pytest.raises(finetune.UsageError, match="is at step 5, not before --max_train_steps 3: raise"):
+        in_process(wrong)
+    assert contents(earlier_run) == before
+    # A checkpoint of another model: one line saying what does not fit, and no folder left behind.
+    overrides = QUICK[QUICK.index("--config_overrides") + 1].replace("hidden_size=32", "hidden_size=16")
+    other = quick(tmp_path / "other", "--max_train_steps", "6", "--config_overrides", overrides)
+    checkpoint = str(finetune.checkpoint_folders(earlier_run)[-1])
+    with pytest.raises(finetune.UsageError, match=r"does not fit the model this command builds \(size mismatch for"):
+        in_process([*other, "--resume_from_checkpoint", checkpoint, "--allow_changed_arguments"])
+    assert not (tmp_path / "other").exists()
+    assert in_process(args)["train_steps"] == 6
 
 
 def test_resuming_with_other_hyper_parameters_is_refused_by_name_or_recorded_when_allowed(earlier_run, in_process):
@@ -161,12 +207,19 @@ def write_images(root: Path, broken: tuple[str, ...] = ()) -> Path:
         (["--model_name_or_path", "missing/model.npz"], r"missing/model.npz: no such file"),
         (["--per_device_train_batch_size", "12"], r"must equal per_device_train_batch_size \(12\)"),
         (["--dataset_name", "{tmp}/nowhere"], r"cannot load dataset"),
+        (["--train_dir", "{tmp}/nowhere"], r"--train_dir .*/nowhere is not a folder: give a folder of images"),
+        (["--train_dir", "{images}"], r"has no test or validation split \(it has train\): pass --validation_split"),
+        (["--config_overrides", "num_labels=5"], r"num_labels is set from the dataset's classes: leave it out"),
         (["--train_dir", "{images}", "--image_column_name", "picture"], r"no image column named 'picture'"),
         (["--train_dir", "{broken}", "--validation_split_percentage", "20"], r"2 of 14 images cannot be decoded"),
         (["--total_batch_size", "4096", "--per_device_train_batch_size", "4096"], r"fewer than one batch"),
         (["--model_name_or_path", "{npz}", "--image_size", "12"], r"cannot build the model"),
         (["--crop_scale", "0.5", "0.2"], r"--crop_scale MIN MAX needs"),
         (["--learning_rate", "fast"], r"invalid float value"),
+        (["--learning_rate", "-0.03"], r"--learning_rate must be positive, got -0.03\.$"),  # was SGD's traceback
+        (["--per_device_eval_batch_size", "0"], r"must be positive"),  # was a DataLoader traceback
+        (["--dataloader_num_workers", "-1"], r"--dataloader_num_workers must not be negative"),
+        (["--with_tracking", "--report_to", "tensorbord"], r"not a tracker accelerate knows \(did you mean 'tensorb"),
         (["--output_dir", "{file}/out"], r"is a file, not a folder"),
         (["--output_dir", "/sys/hf_vit_test/out"], r"is not writable"),  # read-only even for root
     ],
@@ -188,6 +241,15 @@ def test_bad_input_is_one_error_and_leaves_no_folder(in_process, tmp_path, extra
     assert not output.exists()
     if "broken" in extra[1]:  # every unreadable image at once, by name
         assert "dog/broken.png" in str(error.value) and "cat/truncated.png" in str(error.value)
+
+
+def test_a_tracker_that_is_not_installed_is_refused_instead_of_logging_nowhere(tmp_path):
+    missing = next((name for name in ("wandb", "mlflow", "aim") if importlib.util.find_spec(name) is None), None)
+    if missing is None:
+        pytest.skip("wandb, mlflow and aim are all installed here")
+    args = quick(tmp_path / "out", "--with_tracking", "--report_to", missing)
+    with pytest.raises(finetune.UsageError, match=f"--report_to {missing}: the {missing} package is not installed"):
+        finetune.parse_args(args)
 
 
 def test_unknown_names_fail_before_any_hub_lookup(monkeypatch, tmp_path):
@@ -228,6 +290,24 @@ def test_an_error_is_one_line_through_each_launch_form(launch, tmp_path):
         root_cause = result.stderr[result.stderr.index("Root Cause") :]
         assert f"traceback : {line}" in root_cause
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_final_model_is_written_says_so_and_how_to_resume(in_process, tmp_path, monkeypatch):
+    # It reached the top level as "interrupted before training started; nothing was trained."
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    plot = finetune.plot_training_curves
+    monkeypatch.setattr(finetune, "plot_training_curves", ctrl_c)
+    output = tmp_path / "out"
+    with pytest.raises(
+        finetune.Interrupted, match="interrupted while writing the final model, after step 4 of 4; the"
+    ):
+        in_process(quick(output, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    monkeypatch.setattr(finetune, "plot_training_curves", plot)
+    assert (
+        in_process(quick(output, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))["train_steps"] == 4
+    )
 
 
 @pytest.mark.parametrize("processes", [1, 2])
