@@ -265,10 +265,21 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()  # every process has written its share (its RNG states) before the rename
+    try:
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()  # every process has written its share (its RNG states) before the rename
+        if accelerator.is_main_process:
+            (partial / "training_state.json").write_text(json.dumps(training_state))
+    except (OSError, RuntimeError) as error:  # a full disk: OSError from Python, RuntimeError from torch.save
+        shutil.rmtree(partial, ignore_errors=True)
+        found = checkpoint_folders(output_dir)
+        last = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise RunFolderError(
+            f"cannot write the checkpoint of step {step} into {final.parent} ({reason}); {last}. Make room and "
+            "continue with the same command and --resume_from_checkpoint latest."
+        ) from None
     if accelerator.is_main_process:
-        (partial / "training_state.json").write_text(json.dumps(training_state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)

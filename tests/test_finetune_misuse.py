@@ -184,6 +184,28 @@ def test_two_processes_write_complete_checkpoints_and_no_partials(tmp_path):
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}, checkpoint
 
 
+class FullDisk(FakeAccelerator):
+    """save_state runs out of space halfway, as torch.save reports it."""
+
+    def save_state(self, folder):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "model.safetensors").write_text("half the weigh")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3"
+        )
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_complete_one(tmp_path):
+    # It was torch's RuntimeError traceback, and the .partial folder stayed.
+    finetune.save_checkpoint(FakeAccelerator(), tmp_path, 10, {"completed_steps": 10}, keep=2)
+    with pytest.raises(
+        finetune.RunFolderError, match=r"cannot write the checkpoint of step 20 into .*checkpoints"
+    ) as e:
+        finetune.save_checkpoint(FullDisk(), tmp_path, 20, {"completed_steps": 20}, keep=2)
+    assert "the last complete checkpoint is " + str(tmp_path / "checkpoints" / "step_000010") in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010"]
+
+
 # ---- everything is checked before anything is written
 
 
