@@ -12,13 +12,16 @@ Needs the `onnx` extra (`pip install 'hf_vit[onnx]'`: onnx, onnxruntime, onnxscr
 """
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +187,10 @@ def export_onnx(
         output_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=output_dir))
         try:
-            result = _export_and_check(model, work, images, reference, quantize, opset_version, tolerance, onnxruntime)
+            with _quiet_exporters():
+                result = _export_and_check(
+                    model, work, images, reference, quantize, opset_version, tolerance, onnxruntime
+                )
             _install(work, output_dir / ONNX_DIR)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -193,6 +199,28 @@ def export_onnx(
     result["files"] = sorted(str(path.relative_to(output_dir)) for path in (output_dir / ONNX_DIR).iterdir())
     write_card_section(output_dir, result)
     return result
+
+
+def _is_not_preprocessing_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Please consider to run pre-processing before quantization")
+
+
+@contextlib.contextmanager
+def _quiet_exporters():
+    """Keep the exporters' notes out of the export's one-line report: torch.onnx lists the torchvision operators it
+    skips (a ViT uses none), a torch deprecation warning fires inside the exporter, and ONNX Runtime suggests its
+    optional pre-processing (shape inference) before every quantization."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    logging.getLogger().addFilter(_is_not_preprocessing_advice)  # ONNX Runtime logs it on the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+        logging.getLogger().removeFilter(_is_not_preprocessing_advice)
 
 
 def _export_and_check(model, work, images, reference, quantize, opset_version, tolerance, onnxruntime) -> dict:
