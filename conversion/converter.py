@@ -149,7 +149,8 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options)
             files = save_folder(model, temporary, target, options)
             del model
             say(
-                f"wrote {', '.join(files)}: {num_parameters:,} parameters in {options.dtype} ({time.perf_counter() - started:.1f} s)"
+                f"wrote {', '.join(files)}: {num_parameters:,} parameters in {options.dtype} "
+                f"({time.perf_counter() - started:.1f} s since the start)"
             )
             verification = None
             if options.verify:
