@@ -8,6 +8,8 @@ The R+ViT hybrids (a ResNet stem whose feature map is cut into patches) are the 
 `resnet_num_layers` set (vit_jax `models_vit.py` + `models_resnet.py`).
 """
 
+import dataclasses
+import difflib
 import re
 
 from transformers import PreTrainedConfig
@@ -281,6 +283,13 @@ class VisionTransformerConfig(PreTrainedConfig):
         ```
         """
         sizes = dict(zip(VARIANT_FIELDS, VARIANTS[canonical_variant_name(name)], strict=False))  # plain ViTs: 6
+        # The constructor keeps an unknown keyword as an attribute nothing reads: a typo would go unnoticed.
+        known = {field.name for field in dataclasses.fields(cls)} | set(cls().to_dict()) | {"num_labels"}
+        for key in kwargs:
+            if key not in known:
+                matches = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {matches[0]!r}?)" if matches else ""
+                raise TypeError(f"from_variant() got an unknown field {key!r}{hint}.")
         return cls(**{**sizes, **kwargs})
 
 

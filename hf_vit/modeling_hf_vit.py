@@ -148,12 +148,24 @@ class Embeddings(nn.Module):
         return feature[0] // self.patch_size[0], feature[1] // self.patch_size[1]
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}: torch.from_numpy(...), or "
+                "the image processor with return_tensors='pt'."
+            )
+        if not pixel_values.is_floating_point():  # raw 0..255 pixels would be classified, confidently and wrongly
+            raise ValueError(
+                f"pixel_values are {pixel_values.dtype}: the model takes float images normalised as the image processor "
+                "does (to [-1, 1]); pass the images through it (AutoImageProcessor.from_pretrained(folder))."
+            )
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must have 4 dimensions (batch, channels, height, width), got shape "
                 f"{tuple(pixel_values.shape)}."
             )
         batch_size, num_channels, height, width = pixel_values.shape
+        if batch_size == 0:  # transformers' attention functions can't reshape an empty batch
+            raise ValueError(f"pixel_values hold no images (shape {tuple(pixel_values.shape)}): pass at least one.")
         if num_channels != self.num_channels:
             raise ValueError(
                 f"Expected {self.num_channels} channels in pixel_values but got {num_channels} "
@@ -161,6 +173,7 @@ class Embeddings(nn.Module):
             )
         grid = self.grid_for(height, width, interpolate_pos_encoding)
 
+        pixel_values = pixel_values.to(self.patch_embeddings.weight.dtype)
         embeddings = self.patch_embeddings(self.hybrid_model(pixel_values)).flatten(2).transpose(1, 2)  # (B, N, D)
         if self.cls_token is not None:
             embeddings = torch.cat((self.cls_token.expand(batch_size, -1, -1), embeddings), dim=1)  # (B, 1 + N, D)
@@ -366,7 +379,6 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         token (classifier="token") or the mean of the patch tokens (classifier="gap").
         """
         kwargs.setdefault("output_attentions", self.config.output_attentions)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.weight.dtype)
         embedding_output = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         sequence_output = self.encoder(embedding_output, **kwargs)  # (B, S, D)
         if self.config.classifier == "token":

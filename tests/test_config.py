@@ -169,3 +169,13 @@ def test_unknown_variant_lists_the_known_ones():
 def test_package_exports():
     assert hf_vit.IMAGE_MEAN == hf_vit.IMAGE_STD == (0.5, 0.5, 0.5)
     assert AutoConfig.for_model("hf_vit").__class__ is VisionTransformerConfig
+
+
+def test_from_variant_refuses_a_field_it_does_not_know():
+    # A typo was kept as an unused attribute: from_variant("ViT-Ti_16", imagesize=64) gave a 224 px model.
+    with pytest.raises(
+        TypeError, match=r"from_variant\(\) got an unknown field 'imagesize' \(did you mean 'image_size'\?\)"
+    ):
+        VisionTransformerConfig.from_variant("ViT-Ti_16", imagesize=64)
+    config = VisionTransformerConfig.from_variant("ViT-Ti_16", num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
+    assert config.num_labels == 3 and config.id2label[2] == "c"

@@ -289,6 +289,24 @@ def test_bad_pixel_values_raise_clear_errors(shape, kwargs, message):
     assert "\n" not in str(error.value)
 
 
+def test_integer_images_are_refused_instead_of_classified_unnormalised():
+    # uint8 pixels in 0..255 were cast to float and gave confident logits for an input 100x off the [-1, 1] range.
+    for dtype in (torch.uint8, torch.int64, torch.bool):
+        with pytest.raises(ValueError, match=rf"pixel_values are {dtype}: .*normalised as the image processor"):
+            classifier()(torch.zeros(1, 3, 32, 32, dtype=dtype))
+    with pytest.raises(TypeError, match=r"pixel_values must be a torch.Tensor, got ndarray: torch.from_numpy"):
+        classifier()(np.zeros((1, 3, 32, 32), dtype=np.float32))
+    float64 = torch.randn(1, 3, 32, 32, dtype=torch.float64)  # any float dtype is fine: cast to the weights'
+    model = classifier()
+    torch.testing.assert_close(model(float64).logits, model(float64.float()).logits)
+
+
+def test_an_empty_batch_is_one_clear_error():
+    # It failed in a reshape inside the attention ("cannot reshape tensor of 0 elements into shape [0, 5, -1, 8]").
+    with pytest.raises(ValueError, match=r"pixel_values hold no images \(shape \(0, 3, 32, 32\)\): pass at least one"):
+        classifier()(torch.randn(0, 3, 32, 32))
+
+
 # -- training --------------------------------------------------------------------------------------------------------
 
 
