@@ -369,10 +369,15 @@ def detect_columns(dataset: datasets.Dataset, image_column: str | None, label_co
     return image_column, label_column
 
 
+def dataset_label(args: argparse.Namespace) -> str:
+    """What the user named as the data: the image folder(s), else --dataset_name."""
+    return args.train_dir or args.validation_dir or args.dataset_name
+
+
 def prepare_splits(dataset: datasets.DatasetDict, args: argparse.Namespace):
     """(train, selection or None, report, labels): report = test (else validation); selection never touches it."""
     if "train" not in dataset:
-        raise UsageError(f"dataset {args.dataset_name!r} has no train split (splits: {', '.join(dataset)}).")
+        raise UsageError(f"dataset {dataset_label(args)!r} has no train split (splits: {', '.join(dataset)}).")
     image_column, label_column = detect_columns(dataset["train"], args.image_column_name, args.label_column_name)
     dataset = dataset.select_columns([image_column, label_column])
     dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
@@ -411,7 +416,7 @@ def prepare_splits(dataset: datasets.DatasetDict, args: argparse.Namespace):
     if report_name is None:
         if selection is None:
             raise UsageError(
-                f"dataset {args.dataset_name!r} has no test or validation split (it has {', '.join(dataset)}): pass "
+                f"dataset {dataset_label(args)!r} has no test or validation split (it has {', '.join(dataset)}): pass "
                 "--validation_split_percentage or --validation_dir."
             )
         report, report_name, selection, selection_name = selection, selection_name, None, None
@@ -1132,12 +1137,15 @@ def main(argv: list[str] | None = None) -> dict:
     created, set_aside = False, None
     if accelerator.is_main_process:
         created, set_aside = start_run_folder(output_dir, folder_plan)
-    accelerator.wait_for_everyone()
     try:
+        accelerator.wait_for_everyone()
         setup = set_up_training(
             args, accelerator, overrides, labels, (train, train_pixels), (selection, report), per_device
         )
         state = load_checkpoint(accelerator, checkpoint, args.max_train_steps) if checkpoint else None
+        # Every process is set up before the old contents go: a process that failed has left this barrier to
+        # torchrun, which stops the others (a KeyboardInterrupt here), so the folder is put back.
+        accelerator.wait_for_everyone()
     except BaseException:  # nothing trained yet: the folder goes back to what it was (or away, if this run made it)
         if accelerator.is_main_process:
             undo_run_folder(output_dir, folder_plan, created, set_aside)

@@ -129,6 +129,12 @@ def check_writable(output_dir: Path) -> None:
 
 
 def describe_contents(output_dir: Path) -> str:
+    set_aside = sorted(output_dir.glob(".replaced-*"))
+    if set_aside:  # a run killed between start_run_folder and keep_run_folder
+        return (
+            f"{set_aside[0].name}, what an interrupted --overwrite_output_dir run had set aside (move its contents back "
+            "into the folder to recover them)"
+        )
     found = checkpoint_folders(output_dir)
     model = (output_dir / "config.json").exists() or (output_dir / "model.safetensors").exists()
     if found:
@@ -147,9 +153,11 @@ def plan_output_dir(args) -> str:
     check_writable(output_dir)  # also refuses a file in the folder's place
     empty = not output_dir.exists() or not any(output_dir.iterdir())
     if args.overwrite_output_dir:
-        if args.resume_from_checkpoint == "latest":
+        resume = args.resume_from_checkpoint
+        if resume == "latest" or resume and output_dir.resolve() in Path(resume).resolve().parents:
             raise RunFolderError(
-                "--overwrite_output_dir starts over: it can't be combined with --resume_from_checkpoint latest."
+                f"--overwrite_output_dir replaces what {output_dir} holds: it can't resume from a checkpoint in it "
+                f"(--resume_from_checkpoint {resume})."
             )
         return "fresh" if empty else "overwrite"
     if empty:
@@ -159,7 +167,7 @@ def plan_output_dir(args) -> str:
         if recorded is not None or checkpoint_folders(output_dir):
             return "resume"
     finished = (output_dir / "all_results.json").exists()  # written last: the run that wrote it has ended
-    resumable = not (args.resume_from_checkpoint or finished)
+    resumable = checkpoint_folders(output_dir) and not (args.resume_from_checkpoint or finished)
     hint = "--resume_from_checkpoint latest to continue the run that wrote it, " if resumable else ""
     raise RunFolderError(
         f"--output_dir {output_dir} already holds {describe_contents(output_dir)}: pass {hint}--overwrite_output_dir "
@@ -267,11 +275,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()  # every process has written its share (its RNG states) before the rename
         if accelerator.is_main_process:
             (partial / "training_state.json").write_text(json.dumps(training_state))
-    except (OSError, RuntimeError) as error:  # a full disk: OSError from Python, RuntimeError from torch.save
-        shutil.rmtree(partial, ignore_errors=True)
+    except Exception as error:  # a full disk: OSError, torch.save's RuntimeError, safetensors' SafetensorError...
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
         found = checkpoint_folders(output_dir)
         last = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
         reason = " ".join(str(error).split()) or type(error).__name__
@@ -279,6 +287,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
             f"cannot write the checkpoint of step {step} into {final.parent} ({reason}); {last}. Make room and "
             "continue with the same command and --resume_from_checkpoint latest."
         ) from None
+    accelerator.wait_for_everyone()  # every process has written its share (its RNG states) before the rename
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)

@@ -29,6 +29,23 @@ def test_forward_flops_of_vit_b16_match_the_analytic_count():
     assert common.forward_flops(common.our_config()) == pytest.approx(35.13e9, rel=1e-3)
 
 
+def test_gemm_bound_counts_the_linears_of_both_models_as_gemms():
+    from torch.profiler import profile
+
+    config = common.our_config(tiny=True)
+    models = common.build_models(config, dtype=common.DTYPES["fp32"])
+    pixel_values = torch.randn(2, 3, config.image_size, config.image_size)
+    for model in models.values():  # hf_vit's oneDNN linears, transformers' ATen addmm
+        with torch.inference_mode(), profile() as profiler:
+            model.eval()(pixel_values)
+        ops = {event.key for event in profiler.key_averages()}
+        assert ops & (common.GEMM_OPS - {"aten::mkldnn_convolution"}), sorted(ops)
+    weight, inputs = torch.randn(512, 512), torch.randn(512, 512)
+    only_gemm = common.gemm_bound(lambda: torch.nn.functional.linear(inputs, weight), 1.0, 1.0, 1e9)
+    no_gemm = common.gemm_bound(lambda: torch.exp(inputs), 1.0, 0.0, 1e9)
+    assert only_gemm["% outside GEMMs"] < 50 and no_gemm["% outside GEMMs"] == pytest.approx(100)
+
+
 def test_weight_mapping_covers_every_transformers_key():
     models = common.build_models(common.our_config(tiny=True), dtype=common.DTYPES["fp32"])
     theirs = models[common.THEIRS].state_dict()

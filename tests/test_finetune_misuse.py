@@ -13,6 +13,7 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+from safetensors import SafetensorError
 from test_finetune import QUICK, RUN, SCRIPT, environment, finetune, free_port, run_script
 
 
@@ -112,6 +113,42 @@ def test_an_overwrite_that_fails_before_training_leaves_the_old_run_as_it_was(ea
     assert contents(earlier_run) == before and sorted(p.name for p in earlier_run.iterdir() if p.name[0] == ".") == []
 
 
+def test_a_folder_an_overwrite_was_killed_in_says_where_the_old_run_is(earlier_run, in_process):
+    finetune.start_run_folder(earlier_run, "overwrite")  # then SIGKILL: keep_run_folder or undo_run_folder never ran
+    (set_aside,) = earlier_run.iterdir()
+    with pytest.raises(finetune.RunFolderError, match=rf"holds {set_aside.name}, what an interrupted --overwrite"):
+        in_process(quick(earlier_run))
+
+
+def test_an_overwrite_failing_on_one_process_only_leaves_the_old_run_as_it_was(earlier_run, tmp_path):
+    # Rank 0 had set up and deleted the old contents while rank 1 was still failing to load the checkpoint.
+    checkpoint = tmp_path / "step_000005"
+    shutil.copytree(finetune.checkpoint_folders(earlier_run)[-1], checkpoint)
+    target = tmp_path / "target"
+    shutil.copytree(earlier_run, target)
+    before = contents(target)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import accelerate\n"
+        "    def load_state(self, *args, **kwargs):\n"
+        "        raise RuntimeError('rank 1 cannot read the checkpoint')\n"
+        "    accelerate.Accelerator.load_state = load_state\n"
+    )
+    args = quick(
+        target, "--max_train_steps", "6", "--overwrite_output_dir", "--resume_from_checkpoint", str(checkpoint)
+    )
+    env = environment(tmp_path / "home")
+    env["PYTHONPATH"] = os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [*two_processes(), str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0 and "rank 1 cannot read the checkpoint" in result.stderr, result.stderr[-3000:]
+    assert contents(target) == before
+
+
 def test_a_resume_that_fails_changes_nothing_and_the_right_command_still_resumes(earlier_run, in_process, tmp_path):
     (earlier_run / "model.safetensors").unlink()
     before = contents(earlier_run)
@@ -176,32 +213,40 @@ def test_two_processes_write_complete_checkpoints_and_no_partials(tmp_path):
     # The main process renamed step_N.partial to step_N while rank 1 was still writing its random_states_1.pkl: rank 1
     # then recreated the .partial folder (never pruned) or crashed on the vanished one, and the checkpoint lacked it.
     output = tmp_path / "out"
-    args = quick(output, "--max_train_steps", "30", "--checkpointing_steps", "1", "--eval_steps", "30")
+    args = quick(output, "--max_train_steps", "50", "--checkpointing_steps", "1", "--eval_steps", "50")
     result = run_script([*args, "--checkpoints_total_limit", "0"], tmp_path / "home", launcher=two_processes())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in range(1, 30)]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in range(1, 50)]
     for checkpoint in finetune.checkpoint_folders(output):
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}, checkpoint
 
 
 class FullDisk(FakeAccelerator):
-    """save_state runs out of space halfway, as torch.save reports it."""
+    """save_state runs out of space halfway, as safetensors (the model) or torch.save (the optimizer) reports it."""
+
+    def __init__(self, error: Exception):
+        self.error = error
 
     def save_state(self, folder):
         Path(folder).mkdir(parents=True)
         (Path(folder) / "model.safetensors").write_text("half the weigh")
-        raise RuntimeError(
-            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3"
-        )
+        raise self.error
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_complete_one(tmp_path):
-    # It was torch's RuntimeError traceback, and the .partial folder stayed.
+@pytest.mark.parametrize(
+    "error",
+    [
+        SafetensorError("I/O error: No space left on device (os error 28)"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3"),
+    ],
+)
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_complete_one(tmp_path, error):
+    # It was a traceback (SafetensorError, torch's RuntimeError), and the .partial folder stayed.
     finetune.save_checkpoint(FakeAccelerator(), tmp_path, 10, {"completed_steps": 10}, keep=2)
     with pytest.raises(
         finetune.RunFolderError, match=r"cannot write the checkpoint of step 20 into .*checkpoints"
     ) as e:
-        finetune.save_checkpoint(FullDisk(), tmp_path, 20, {"completed_steps": 20}, keep=2)
+        finetune.save_checkpoint(FullDisk(error), tmp_path, 20, {"completed_steps": 20}, keep=2)
     assert "the last complete checkpoint is " + str(tmp_path / "checkpoints" / "step_000010") in str(e.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010"]
 
@@ -230,8 +275,15 @@ def write_images(root: Path, broken: tuple[str, ...] = ()) -> Path:
         (["--per_device_train_batch_size", "12"], r"must equal per_device_train_batch_size \(12\)"),
         (["--dataset_name", "{tmp}/nowhere"], r"cannot load dataset"),
         (["--train_dir", "{tmp}/nowhere"], r"--train_dir .*/nowhere is not a folder: give a folder of images"),
-        (["--train_dir", "{images}"], r"has no test or validation split \(it has train\): pass --validation_split"),
+        (
+            ["--train_dir", "{images}"],
+            r"dataset '.*/images' has no test or validation split \(it has train\): pass --validation_split",
+        ),
         (["--config_overrides", "num_labels=5"], r"num_labels is set from the dataset's classes: leave it out"),
+        (
+            ["--overwrite_output_dir", "--resume_from_checkpoint", "{tmp}/out/checkpoints/step_000002"],
+            r"--overwrite_output_dir replaces what .*out holds: it can't resume from a checkpoint in it",
+        ),
         (["--train_dir", "{images}", "--image_column_name", "picture"], r"no image column named 'picture'"),
         (["--train_dir", "{broken}", "--validation_split_percentage", "20"], r"2 of 14 images cannot be decoded"),
         (["--total_batch_size", "4096", "--per_device_train_batch_size", "4096"], r"fewer than one batch"),
