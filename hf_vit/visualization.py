@@ -175,7 +175,7 @@ def pixel_values_for(
     image: Image.Image,
     *,
     image_processor=None,
-    image_size: tuple[int, int] | None = None,
+    image_size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The (1, 3, H, W) input of `model` for a PIL image: `image_processor` (default: `image_processor_for(config)`),
     resizing to `image_size` (height, width) instead of the processor's size when given."""
@@ -185,7 +185,12 @@ def pixel_values_for(
         from .modeling_hf_vit import image_processor_for
 
         image_processor = image_processor_for(model.config)
-    size = {} if image_size is None else {"size": {"height": int(image_size[0]), "width": int(image_size[1])}}
+    size = {}
+    if image_size is not None:
+        height, width = _as_pair(image_size)  # an int is a square
+        if min(height, width) < 1:
+            raise ValueError(f"image_size must be positive (height, width), got {image_size}.")
+        size = {"size": {"height": height, "width": width}}
     return image_processor(image.convert("RGB"), return_tensors="pt", **size)["pixel_values"]
 
 
@@ -227,7 +232,7 @@ def attention_map(
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
     image_processor=None,
-    image_size: tuple[int, int] | None = None,
+    image_size: int | tuple[int, int] | None = None,
 ) -> np.ndarray:
     """
     Where `model` looks in `image`: a (rows, columns) array over the patch grid, non-negative.
@@ -241,8 +246,9 @@ def attention_map(
         head_fusion, discard_ratio: as in `attention_rollout`.
         image_processor: the preprocessing; default `hf_vit.image_processor_for(model.config)`, or pass
             `AutoImageProcessor.from_pretrained(folder)` for a saved model.
-        image_size: (height, width) to run the model at instead of the processor's size, any multiple of the patch
-            size (for a hybrid: any size whose ResNet feature map is one); the position embeddings are interpolated.
+        image_size: (height, width), or one int for a square, to run the model at instead of the processor's size:
+            any multiple of the patch size (for a hybrid: any size whose ResNet feature map is one); the position
+            embeddings are interpolated.
 
     Example:
 

@@ -175,11 +175,23 @@ def test_sdpa_and_eager_models_give_the_same_map(saved_model):
         ({"method": "gradcam"}, "method"),
         ({"method": "last_layer", "discard_ratio": 0.5}, "'rollout' only"),
         ({"image_size": (30, 30)}, "divisible by the patch size"),
+        (
+            {"image_size": (0, 32)},
+            r"image_size must be positive \(height, width\), got \(0, 32\)",
+        ),  # was transformers'
     ],
 )
 def test_bad_options_raise_one_line_errors(options, message):
     with pytest.raises(ValueError, match=message):
         attention_map(classifier(), picture(), **options)
+
+
+def test_an_int_image_size_is_a_square():
+    # It was "TypeError: 'int' object is not subscriptable".
+    np.testing.assert_array_equal(
+        attention_map(classifier(), picture(), image_size=48),
+        attention_map(classifier(), picture(), image_size=(48, 48)),
+    )
 
 
 def test_attentions_must_be_returned():
