@@ -445,8 +445,8 @@ def _probe(spec: dict[str, object]) -> dict[str, float]:
     step = importlib.import_module(f"bench_{spec['kind']}").make_step(spec)
     if spec["run"].endswith("compile"):
         warm(step, spec.get("device", "cpu"))
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        if spec.get("device", "cpu") == "cpu" and hasattr(libc, "malloc_trim"):  # glibc
+        libc = ctypes.CDLL(ctypes.util.find_library("c")) if spec.get("device", "cpu") == "cpu" else None
+        if hasattr(libc, "malloc_trim"):  # glibc
             libc.malloc_trim(0)  # give back what compiling freed: the calls would reuse it and show 0 MiB
     if spec.get("device", "cpu") == "cuda":
         torch.cuda.synchronize()

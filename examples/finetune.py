@@ -78,6 +78,7 @@ from run_folder import (  # noqa: E402
     checkpoint_to_resume,
     keep_run_folder,
     plan_output_dir,
+    read_training_state,
     run_identity,
     save_checkpoint,
     start_run_folder,
@@ -1374,7 +1375,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, max_train_steps: int) -> dict:
     """Load `checkpoint` into the prepared model, optimizer, scheduler and RNGs; its training_state.json."""
-    state = json.loads((checkpoint / "training_state.json").read_text())
+    state = read_training_state(checkpoint)
     if state["completed_steps"] >= max_train_steps:
         raise UsageError(
             f"{checkpoint} is at step {state['completed_steps']}, not before --max_train_steps {max_train_steps}: "

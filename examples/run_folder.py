@@ -128,6 +128,11 @@ def check_writable(output_dir: Path) -> None:
         ) from None
 
 
+def run_finished(output_dir: Path) -> bool:
+    """all_results.json is written last: the run that wrote it has ended."""
+    return (output_dir / "all_results.json").exists()
+
+
 def describe_contents(output_dir: Path) -> str:
     set_aside = sorted(output_dir.glob(".replaced-*"))
     if set_aside:  # a run killed between start_run_folder and keep_run_folder
@@ -138,8 +143,7 @@ def describe_contents(output_dir: Path) -> str:
     found = checkpoint_folders(output_dir)
     model = (output_dir / "config.json").exists() or (output_dir / "model.safetensors").exists()
     if found:
-        finished = (output_dir / "all_results.json").exists()
-        what = "a finished run: its model, and checkpoints" if finished else "the checkpoints of a run"
+        what = "a finished run: its model, and checkpoints" if run_finished(output_dir) else "the checkpoints of a run"
         return f"{what} up to step {checkpoint_step(found[-1])}"
     if model:
         return "a model"
@@ -166,8 +170,7 @@ def plan_output_dir(args) -> str:
         recorded = read_run_file(output_dir)
         if recorded is not None or checkpoint_folders(output_dir):
             return "resume"
-    finished = (output_dir / "all_results.json").exists()  # written last: the run that wrote it has ended
-    resumable = checkpoint_folders(output_dir) and not (args.resume_from_checkpoint or finished)
+    resumable = checkpoint_folders(output_dir) and not (args.resume_from_checkpoint or run_finished(output_dir))
     hint = "--resume_from_checkpoint latest to continue the run that wrote it, " if resumable else ""
     raise RunFolderError(
         f"--output_dir {output_dir} already holds {describe_contents(output_dir)}: pass {hint}--overwrite_output_dir "
