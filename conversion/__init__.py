@@ -3,14 +3,13 @@
 `convert(source, output_dir, **options)` is the API; `hf-vit-convert` / `python -m conversion` the CLI over it.
 """
 
-from .converter import EXPORTS, VERIFY_TOLERANCE, Options, convert
+from .converter import EXPORTS, Options, convert
 from .errors import ConversionError
 from .labels import imagenet1k_labels, imagenet21k_labels
 
 
 __all__ = [
     "EXPORTS",
-    "VERIFY_TOLERANCE",
     "ConversionError",
     "Options",
     "convert",

@@ -149,10 +149,4 @@ def flax_vit_forward(
     return features, logits
 
 
-def verification_images(num_images: int, height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
-    """Fixed random inputs in the model's input range [-1, 1], (B, C, H, W) float32."""
-    rng = np.random.default_rng(seed)
-    return rng.uniform(-1.0, 1.0, size=(num_images, channels, height, width)).astype(np.float32)
-
-
-__all__ = ["flax_vit_forward", "gelu_tanh", "round_to_dtype", "verification_images", "zoom_linear"]
+__all__ = ["flax_vit_forward", "gelu_tanh", "round_to_dtype", "zoom_linear"]

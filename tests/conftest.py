@@ -49,3 +49,16 @@ def in_process(monkeypatch):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def verified(lines: list[str]) -> tuple[float, float]:
+    """(float64 difference, saved-dtype drift) from a conversion's log lines: the float64 one must be at least 100x
+    under the tolerance (a correct mapping agrees to rounding), the drift is only reported."""
+    import re
+
+    from hf_vit.verification import MAPPING_TOLERANCE
+
+    line = next(line for line in lines if line.startswith("verification: "))
+    mapping, drift = (float(value) for value in re.findall(r"(?:max diff|within) (\S+) of", line))
+    assert mapping * 100 <= MAPPING_TOLERANCE, line
+    return mapping, drift

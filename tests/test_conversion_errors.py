@@ -209,7 +209,8 @@ BAD_OPTIONS = [
 ]
 
 
-def assert_refused(tmp_path, capsys, argv, message):
+def assert_refused(tmp_path, capsys, argv, message) -> str:
+    """Run the CLI: exit 2, one line naming `message`, nothing written; the line."""
     before = snapshot(tmp_path)
     code = main([str(arg) for arg in argv])
     captured = capsys.readouterr()
@@ -219,6 +220,7 @@ def assert_refused(tmp_path, capsys, argv, message):
     assert message in lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert snapshot(tmp_path) == before  # nothing created, nothing changed, no temporary folder left
+    return lines[0]
 
 
 @pytest.mark.parametrize("make_source, extra, message", BAD_SOURCES)
@@ -314,7 +316,12 @@ def test_failed_verification_writes_nothing(tmp_path, capsys, monkeypatch):
         return features, logits + 1e-3
 
     monkeypatch.setattr(conversion.converter, "flax_vit_forward", off_by_a_bit)
-    assert_refused(tmp_path, capsys, [npz, tmp_path / "out"], "Verification failed: max abs difference 1.00e-03")
+    assert_refused(
+        tmp_path,
+        capsys,
+        [npz, tmp_path / "out"],
+        "Verification failed: The converted model differs from the reference in float64 by",
+    )
 
 
 def test_usage_errors_are_one_line_too(tmp_path, capsys):

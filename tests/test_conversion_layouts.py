@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import verified
 from PIL import Image
 from safetensors import safe_open
 from test_conversion_digests import tensor_digests
@@ -19,8 +20,8 @@ from transformers import AutoModel, AutoModelForImageClassification
 
 import hf_vit  # noqa: F401
 from conversion import convert, imagenet21k_labels
-from conversion.reference import verification_images
 from conversion.testing import big_vision_arrays, random_vit_arrays, write_random_npz
+from hf_vit.verification import verification_images
 
 
 def save_npz(path, arrays):
@@ -89,7 +90,7 @@ def test_big_vision_layouts_give_big_vision_logits(tmp_path, scanned, classifier
     npz = save_npz(tmp_path / "bv.npz", arrays)
     lines = []
     folder = convert(npz, tmp_path / "out", log=lines.append)
-    assert any(line.startswith("verification: max abs diff") for line in lines)
+    verified(lines)
     images = verification_images(3, 32, 32, seed=7)
     expected = big_vision_logits(unstack(arrays), images)
     assert np.abs(expected).max() > 0.1 and np.abs(logits_of(folder, images) - expected).max() <= 1e-5
@@ -111,7 +112,7 @@ def test_big_vision_resampled_position_embeddings_match_the_reference(tmp_path):
     npz = save_npz(tmp_path / "bv.npz", big_vision_arrays(random_vit_arrays(), scanned=True))
     lines = []
     folder = convert(npz, tmp_path / "out", image_size=48, log=lines.append)
-    assert float(next(line for line in lines if line.startswith("verification")).split()[4]) <= 1e-5
+    verified(lines)
     assert json.loads((folder / "config.json").read_text())["image_size"] == 48
 
 
@@ -164,7 +165,7 @@ def test_zeroed_head_with_pre_logits_exports_a_stock_vit_model_whose_pooler_is_p
     npz = save_npz(tmp_path / "ViT-B_16.npz", arrays)
     lines = []
     folder = convert(npz, tmp_path / "stock", export="transformers-vit", log=lines.append)
-    assert float(next(line for line in lines if line.startswith("verification")).split()[4]) <= 1e-5
+    verified(lines)
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["ViTModel"] and config["pooler_output_size"] == 24 and "auto_map" not in config
     assert not list(folder.glob("*.py"))  # stock transformers: no remote code

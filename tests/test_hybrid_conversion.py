@@ -1,17 +1,19 @@
 """Issue 13, conversion: R+ViT hybrids (vit_jax `.npz` and seed `*_checkpoint.bin`) through the plain pipeline.
 
 Random checkpoints in the exact original layouts (conversion.testing); verification compares the converted model
-with the NumPy reference (conversion/reference_resnet.py, then conversion/reference.py on the feature map). The
-hybrid's GroupNorms amplify fp32 rounding more than a plain ViT's LayerNorms do, but the converter's tolerance (1e-4
-on the logits) holds with a wide margin: the measured differences are printed by the log lines checked here.
+with the NumPy reference (conversion/reference_resnet.py, then conversion/reference.py on the feature map) in float64,
+where a correct mapping agrees to rounding whatever the CPU (`conftest.verified` checks 100x under the tolerance). The
+hybrid's GroupNorms amplify float32 rounding more than a plain ViT's LayerNorms do, by an amount that depends on the
+CPU's kernels and thread count: that drift is printed, never gated (issue 23: a correct R50 conversion was refused at
+1.02e-4 on an AMD Zen 5 with one thread).
 """
 
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
+from conftest import verified
 from test_conversion_errors import assert_refused
 
 from conversion import convert
@@ -24,9 +26,9 @@ from hf_vit import VisionTransformerForImageClassification
 def converted(source, out, **options):
     lines = []
     folder = convert(source, out, log=lines.append, **options)
-    diff = next(float(m[1]) for line in lines if (m := re.search(r"verification: max abs diff (\S+)", line)))
-    print(f"{source}: max abs diff {diff:.2e}")
-    return folder, diff, lines
+    mapping, drift = verified(lines)
+    print(f"{source}: float64 {mapping:.1e}, {options.get('dtype', 'float32')} drift {drift:.1e}")
+    return folder, mapping, lines
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,7 @@ def r50_npz(tmp_path_factory):
 
 
 def test_r50_hybrid_npz_converts_with_verification(r50_npz, tmp_path):
-    folder, diff, lines = converted(r50_npz, tmp_path / "out")
-    assert diff < 1e-4
+    folder, _, lines = converted(r50_npz, tmp_path / "out")
     config = json.loads((folder / "config.json").read_text())
     assert config["resnet_num_layers"] == [3, 4, 9] and config["resnet_width_factor"] == 1
     assert config["patch_size"] == 1 and config["image_size"] == 64 and config["num_channels"] == 3
@@ -66,8 +67,7 @@ def test_other_resnets_are_read_off_the_tensors(tmp_path, num_layers, gn_shape, 
         patch_size=patch,
         image_size=size,
     )
-    folder, diff, _ = converted(npz, tmp_path / "out")
-    assert diff < 1e-4
+    folder, _, _ = converted(npz, tmp_path / "out")
     config = json.loads((folder / "config.json").read_text())
     assert config["resnet_num_layers"] == list(num_layers) and config["resnet_width_factor"] == 0.5
     assert config["patch_size"] == patch
@@ -78,9 +78,8 @@ def test_cli_image_size_num_labels_and_dtype(r50_npz, tmp_path, capsys):
     args = [str(r50_npz), str(out), "--image-size", "96", "--num-labels", "3", "--dtype", "bfloat16"]
     assert main(args) == 0
     log = capsys.readouterr().out
-    diff = float(re.search(r"verification: max abs diff (\S+)", log)[1])
-    print(f"CLI 96 px bfloat16: max abs diff {diff:.2e}")
-    assert diff < 1e-4
+    mapping, drift = verified(log.splitlines())
+    print(f"CLI 96 px bfloat16: float64 {mapping:.1e}, bfloat16 drift {drift:.1e}")
     assert "4x4 to a 6x6 grid" in log  # the feature map's grid: 96 / 16
     model = VisionTransformerForImageClassification.from_pretrained(out)
     assert model.config.image_size == 96 and model.config.num_labels == 3
@@ -99,8 +98,7 @@ def test_official_hybrid_names_resolve(r50_npz, tmp_path):
     cache = tmp_path / "cache"
     (cache / "imagenet21k").mkdir(parents=True)
     (cache / "imagenet21k" / "R50+ViT-B_16.npz").write_bytes(r50_npz.read_bytes())  # as if downloaded
-    folder, diff, _ = converted("R50+ViT-B_16", tmp_path / "out", cache_dir=cache, verify_images=1)
-    assert diff < 1e-4
+    folder, _, _ = converted("R50+ViT-B_16", tmp_path / "out", cache_dir=cache, verify_images=1)
     assert "imagenet21k/R50+ViT-B_16" in (folder / "README.md").read_text()
 
 
@@ -111,8 +109,7 @@ def seed_hybrid(path, **config):
 
 
 def test_seed_hybrid_bin_converts_with_num_heads(tmp_path):
-    folder, diff, lines = converted(seed_hybrid(tmp_path / "seed.bin"), tmp_path / "out", num_heads=4)
-    assert diff < 1e-4
+    folder, _, lines = converted(seed_hybrid(tmp_path / "seed.bin"), tmp_path / "out", num_heads=4)
     assert "(seed numerics)" in lines[0]
     config = json.loads((folder / "config.json").read_text())
     assert config["resnet_flavour"] == "seed" and config["hidden_act"] == "gelu"
@@ -122,8 +119,7 @@ def test_seed_hybrid_bin_converts_with_its_variant(tmp_path):
     bin_file = write_random_seed_checkpoint(
         tmp_path / "seed.bin", variant="R50+ViT-B_16", image_size=64, resnet_flavour="seed"
     )
-    folder, diff, _ = converted(bin_file, tmp_path / "out", variant="R50+ViT-B_16", verify_images=1)
-    assert diff < 1e-4
+    folder, _, _ = converted(bin_file, tmp_path / "out", variant="R50+ViT-B_16", verify_images=1)
     assert json.loads((folder / "config.json").read_text())["num_attention_heads"] == 12
 
 
