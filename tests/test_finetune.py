@@ -657,3 +657,51 @@ def test_torch_compile_gives_the_same_losses(in_process, tmp_path):
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-5)
     for key, tensor in weights(tmp_path / "eager").items():  # saved without torch.compile's _orig_mod prefix
         torch.testing.assert_close(weights(tmp_path / "compiled")[key], tensor, rtol=1e-4, atol=1e-5)
+
+
+# ---- adaptation points: optimizer, augmentation
+
+
+def test_adamw_with_weight_decay_trains_and_the_card_describes_it(in_process, tmp_path):
+    output = tmp_path / "out"
+    args = [*QUICK, "--optimizer", "adamw", "--learning_rate", "1e-3", "--weight_decay", "0.05"]
+    results = in_process([*args, "--checkpointing_steps", "2", "--output_dir", str(output)])
+    assert results["train_steps"] == 3 and np.isfinite(results["train_loss"])
+    text = (output / "README.md").read_text()
+    assert "| optimizer | AdamW, betas (0.9, 0.999), eps 1e-08 |" in text and "momentum" not in text
+    assert "| learning_rate | 0.001 |" in text and "| weight_decay | 0.05 |" in text
+    run = json.loads((output / "run.json").read_text())["arguments"]
+    assert (run["optimizer"], run["weight_decay"]) == ("adamw", 0.05)
+    optimizer_state = torch.load(output / "checkpoints" / "step_000002" / "optimizer.bin", weights_only=True)
+    assert "exp_avg_sq" in optimizer_state["state"][0]  # really AdamW's state, not SGD's momentum buffer
+
+
+class Brightness:
+    """A plugged-in augmentation: one class, its flag, one random number per image."""
+
+    numbers_per_image = 1
+    seen = []
+
+    @staticmethod
+    def add_arguments(group):
+        group.add_argument("--brightness", type=float, default=0.0)
+
+    def __init__(self, args, image_size):
+        self.brightness = args.brightness
+
+    def __call__(self, pixels, numbers):
+        self.seen.append((tuple(pixels.shape), tuple(numbers.shape)))
+        return (pixels * (1 + self.brightness * (2 * numbers - 1)).view(-1, 1, 1, 1)).clamp(0, 255)
+
+
+def test_an_augmentation_plugged_in_is_one_class_and_its_flag_is_run_defining(in_process, tmp_path, monkeypatch):
+    monkeypatch.setattr(augmentation, "AUGMENTATIONS", [augmentation.RandomResizedCrop, Brightness])
+    Brightness.seen = []
+    output = tmp_path / "out"
+    in_process([*QUICK, "--brightness", "0.2", "--output_dir", str(output)])
+    assert Brightness.seen == [((16, 3, 8, 8), (16, 1))] * 3  # after the crop, at the model's size, every step
+    assert json.loads((output / "run.json").read_text())["arguments"]["brightness"] == 0.2
+    assert "| brightness | 0.2 |" in (output / "README.md").read_text()
+    args = [*QUICK, "--brightness", "0.3", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(run_folder.RunFolderError, match=r"--brightness 0.2 -> 0.3"):
+        in_process([*args, "--output_dir", str(output)])
