@@ -60,10 +60,11 @@ class DataSource:
         if args.train_dir or args.validation_dir:
             return cls("imagefolder", args.train_dir or args.validation_dir)
         name = args.dataset_name
-        if Path(name).is_dir():
-            saved = any((Path(name) / file).exists() for file in SAVED_DATASET_FILES)
-            return cls("saved" if saved else "local", name)
-        return cls("digits" if name == DIGITS else "hub", name)
+        if Path(name).is_dir() and any((Path(name) / file).exists() for file in SAVED_DATASET_FILES):
+            return cls("saved", name)
+        if name == DIGITS:
+            return cls("digits", name)
+        return cls("local" if Path(name).is_dir() else "hub", name)
 
     @property
     def hub_id(self) -> str | None:

@@ -108,18 +108,11 @@ def hyperparameter_table(args, run_defining_groups: dict[str, list[str]], optimi
     lines), the optimizer's group described by the optimizer object, then what the run derived (`facts`)."""
     rows = {}
     for title, names in run_defining_groups.items():
-        if title in ("model", "data"):
-            continue
         if title == "optimizer":
             rows.update(optimizer_rows)
-            continue
-        rows.update(
-            {
-                name: list(value) if isinstance(value, tuple) else value
-                for name in names
-                for value in [getattr(args, name)]
-            }
-        )
+        elif title not in ("model", "data"):
+            rows.update({name: getattr(args, name) for name in names})
+    rows = {name: list(value) if isinstance(value, tuple) else value for name, value in rows.items()}  # as in JSON
     return {**rows, **facts}
 
 

@@ -1,7 +1,7 @@
 """The output folder of an `examples/finetune.py` run: which run owns it, its checkpoints, and what a resume may change.
 
 `RunFolder` is the one object the script talks to: it claims the folder (and puts it back if the run fails before
-training), resumes, writes checkpoints, and turns Ctrl-C into a line saying how to resume. The functions below it
+training), resumes, writes checkpoints, and turns Ctrl-C into a line saying how to resume. The functions before it
 are its steps.
 
 A run writes `OUTPUT_DIR/run.json` (what defines it: the run-defining arguments, the data's fingerprints)
