@@ -274,11 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
         image_processor, image_size = image_processor_of(model, args.model_name_or_path), image_size_of(model)
         loader_kwargs = loader_options(args.dataloader_num_workers, splits.source, accelerator.num_processes)
         resize = (image_size, image_processor.resample)
-        train_batch, eval_batch = per_device * accelerator.num_processes, args.per_device_eval_batch_size
+        # One loader batch feeds every process (accelerate splits it): the batch sizes are global.
+        train_batch = per_device * accelerator.num_processes
+        eval_batch = args.per_device_eval_batch_size * accelerator.num_processes
         train_dataloader = train_dataloader_for(
             splits.train, train_pixels, *resize, train_batch, loader_kwargs, accelerator.device
         )
-        eval_batch *= accelerator.num_processes
         monitor_dataloader = eval_dataloader_for(splits.monitor[0], *resize, eval_batch, loader_kwargs)
         report_dataloader = eval_dataloader_for(splits.report, *resize, eval_batch, loader_kwargs)
         optimizer = build_optimizer(args, model, accelerator.device)
