@@ -35,6 +35,8 @@ import finetune  # noqa: E402
 from common import forward_flops, gemm_peaks  # noqa: E402
 
 import hf_vit  # noqa: E402
+from hf_vit_examples import augmentation, models  # noqa: E402
+from hf_vit_examples.data import decode_splits, load_image_dataset, prepare_splits, train_dataloader_for  # noqa: E402
 
 
 TINY_OVERRIDES = "patch_size=8,hidden_size=32,num_hidden_layers=1,num_attention_heads=4"
@@ -58,20 +60,23 @@ def synthetic_cifar(folder: Path, count: int) -> Path:
 def loader_rate(data: Path, args: argparse.Namespace, image_size: int) -> float:
     """Images/s of the script's training loader alone: batches indexed, moved to the device, cropped, normalised."""
     options = finetune.parse_args(["--config_name", "ViT-Ti_16", "--dataset_name", str(data), "--output_dir", "-"])
-    train = finetune.prepare_splits(finetune.load_image_dataset(options), options)[0]
-    pixels = finetune.decode_splits({"train": train}, True, show_progress=False)
+    train = prepare_splits(load_image_dataset(options), options).train
+    pixels = decode_splits({"train": train}, True, show_progress=False)
     resample = PIL.Image.Resampling.BILINEAR
-    loader = finetune.train_dataloader_for(
+    loader = train_dataloader_for(
         train, pixels, (image_size, image_size), resample, args.per_device_batch, {}, torch.device(args.device)
     )
+    normalize = models.Normalize(hf_vit.image_processor_for(hf_vit.VisionTransformerConfig()))
     images, start = 0, None
     for index, batch in enumerate(loader):
         if index == 1:  # the first batch pays for the copy to the device
             torch.cuda.synchronize() if args.device == "cuda" else None
             start = time.perf_counter()
-        uniforms = finetune.step_uniforms(0, index, len(batch["labels"])).to(args.device)
-        crops = finetune.random_resized_crop(
-            batch["pixel_values"].to(args.device), uniforms, (image_size, image_size), (0.05, 1.0), True
+        uniforms = augmentation.step_numbers(0, index, len(batch["labels"]), 5).to(args.device)
+        crops = normalize(
+            augmentation.random_resized_crop(
+                batch["pixel_values"].to(args.device), uniforms, (image_size, image_size), (0.05, 1.0), True
+            )
         )
         images += len(crops) if index else 0
         if index == 20:
@@ -108,7 +113,7 @@ def script_rate(data: Path, args: argparse.Namespace, compile_: bool, work: Path
 
 def run(args: argparse.Namespace) -> dict:
     config = hf_vit.VisionTransformerConfig.from_variant(
-        args.config, image_size=args.image_size, num_labels=10, **finetune.parse_overrides(args.config_overrides)
+        args.config, image_size=args.image_size, num_labels=10, **models.parse_overrides(args.config_overrides)
     )
     train_flops = 3 * forward_flops(config)
     # the fastest GEMM torch offers in the training dtype (bf16 autocast on a GPU): the roofline of "% of peak"

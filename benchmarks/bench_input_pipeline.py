@@ -13,9 +13,9 @@ The run is bound by the smallest of (1) and (2)+(3) combined; the loader runs on
 """
 
 import argparse
-import importlib.util
 import io
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,9 +28,11 @@ import hf_vit
 
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("finetune", ROOT / "examples" / "finetune.py")
-finetune = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(finetune)
+sys.path.insert(0, str(ROOT / "examples"))
+from hf_vit_examples import augmentation, data, models  # noqa: E402
+
+
+NORMALIZE = models.Normalize(hf_vit.image_processor_for(hf_vit.VisionTransformerConfig()))
 
 
 def synthetic_dataset(count: int, size: tuple[int, int], image_format: str, seed: int = 0) -> datasets.Dataset:
@@ -67,13 +69,13 @@ def bench_loader(dataset, image_size, batch_size: int, num_workers: int, batches
     """Images/s of decode + collate alone, through a DataLoader as finetune.py builds it."""
     resample = hf_vit.image_processor_for(hf_vit.VisionTransformerConfig(image_size=image_size)).resample
     loader = torch.utils.data.DataLoader(
-        dataset.with_transform(finetune.decode_images),
+        dataset.with_transform(data.decode_images),
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        collate_fn=finetune.Collate((image_size, image_size), resample, keep_native_size=True),
+        collate_fn=data.Collate((image_size, image_size), resample, keep_native_size=True),
     )
     iterator = iter(loader)
     next(iterator)  # start the workers
@@ -125,7 +127,7 @@ def main() -> None:
     uint8_batch = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     uniforms = torch.rand(batch_size, 5)
     results[f"device crop+flip+normalise 32 -> {args.image_size} px"] = images_per_second(
-        lambda: finetune.random_resized_crop(uint8_batch, uniforms, size, (0.05, 1.0), True),
+        lambda: NORMALIZE(augmentation.random_resized_crop(uint8_batch, uniforms, size, (0.05, 1.0), True)),
         batch_size,
         max(steps, 10),
         device,

@@ -10,7 +10,6 @@ Usage:
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -44,10 +43,10 @@ def train(output_dir: Path, steps: int) -> None:
 
 
 def test_digits() -> tuple[list, np.ndarray]:
-    spec = importlib.util.spec_from_file_location("finetune", FINETUNE)
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
-    test = finetune.load_digits_dataset()["test"]
+    sys.path.insert(0, str(ROOT / "examples"))
+    from hf_vit_examples.data import load_digits_dataset  # noqa: PLC0415
+
+    test = load_digits_dataset()["test"]
     return list(test["image"]), np.array(test["label"])
 
 

@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> None:
     title = f"rollout, {args.head_fusion}" if args.method == "rollout" else f"last layer, {args.head_fusion}"
     if args.discard_ratio:
         title += f", discard {args.discard_ratio:g}"
-    header = f"{args.model} at {height}x{width}" + (", top-5:" if logits is not None else "")
+    shown = min(5, logits.shape[-1]) if logits is not None else 0  # what top_predictions lists
+    header = f"{args.model} at {height}x{width}" + (f", top-{shown}:" if shown else "")
     caption = header + "\n" + top_predictions(model, logits)
     save_png(plot_attention(image, attention, title=title, caption=caption), args.output)
     print(f"wrote {args.output}")

@@ -26,6 +26,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import hf_vit
+from hf_vit_examples import augmentation, cli, data, models, report, run_folder
+from hf_vit_examples.training_log import TrainingLog
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,8 @@ def load_finetune():
 
 
 finetune = load_finetune()
+# The normalisation of hf_vit's models, from their image processor, as the script applies it after augmenting.
+NORMALIZE = models.Normalize(hf_vit.image_processor_for(hf_vit.VisionTransformerConfig()))
 
 
 def environment(home: Path) -> dict:
@@ -119,7 +123,7 @@ def test_output_folder_loads_in_the_pipeline_with_the_reported_accuracy(trained)
     from transformers import pipeline
 
     classify = pipeline("image-classification", model=str(trained["dir"]))
-    test = finetune.load_digits_dataset()["test"]
+    test = data.load_digits_dataset()["test"]
     predictions = classify(list(test["image"]), top_k=1, batch_size=64)
     accuracy = np.mean([int(p[0]["label"]) == label for p, label in zip(predictions, test["label"], strict=True)])
     results = json.loads((trained["dir"] / "all_results.json").read_text())
@@ -139,6 +143,9 @@ def test_model_card_has_provenance_hyperparameters_results_and_splits(trained):
     assert result.metric_value == round(results["eval_accuracy"], 4)
     text = card.text
     assert "trained from scratch, config `ViT-Ti_16`" in text and TINY in text
+    # It said "fine-tuned" for this model trained from scratch, and had no license.
+    assert "trained from scratch for image classification" in text and "fine-tuned" not in text
+    assert card.data.license == "apache-2.0"
     assert "scikit-learn's handwritten digits" in text and "1437 training images, 10 classes" in text
     assert f"**{results['eval_accuracy']:.4f}** | test | 360" in text
     assert f"{results['best_eval_accuracy']:.4f} | test | 360" in text
@@ -158,7 +165,7 @@ def test_model_card_has_provenance_hyperparameters_results_and_splits(trained):
         "| seed | 0 |",
     ):
         assert row in text, row
-    assert re.search(r"Hardware: 1 process\(es\) on CPU .*Wall time: \d+\.\d min", text)
+    assert re.search(r"Hardware: 1 process\(es\) on CPU .*Wall time: (\d+ s|\d+\.\d min)", text)
     assert "dosovitskiy" in text.lower() and "```bibtex" in text
 
 
@@ -190,7 +197,7 @@ def test_confusion_matrix_has_the_class_names_on_both_axes(tmp_path, monkeypatch
 
     monkeypatch.setattr(Figure, "savefig", record)
     labels = ["cat", "dog", "bird"]
-    finetune.plot_confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1]), labels, "t", tmp_path / "c.png")
+    report.plot_confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1]), labels, "t", tmp_path / "c.png")
     assert drawn == {"x": labels, "y": labels}
     assert PIL.Image.open(tmp_path / "c.png").size == (600, 600)
 
@@ -243,6 +250,8 @@ def test_two_processes_keep_the_global_batch_and_the_schedule(trained, tmp_path)
     assert results["num_processes"] == 2 and results["total_batch_size"] == 64 and results["train_steps"] == 400
     card = (output / "README.md").read_text()
     assert "| per_device_train_batch_size | 16 |" in card and "| gradient_accumulation_steps | 2 |" in card
+    # The card's command dropped the launcher's flags: "accelerate launch examples/finetune.py ...".
+    assert f"accelerate launch --multi_gpu --num_processes 2 --main_process_port {launcher[-1]} {SCRIPT} " in card
     # Same learning rates; same images and augmentation in every step: the losses agree to float rounding until
     # SGD's chaos amplifies the rounding of a different reduction order (after ~100 steps here).
     one = json.loads((trained["dir"] / "checkpoints" / "step_000350" / "training_state.json").read_text())
@@ -287,6 +296,29 @@ def test_detects_img_and_fine_label_columns_of_a_saved_dataset(in_process, tmp_p
     assert config["id2label"] == {"0": "apple", "1": "bee", "2": "castle"}
 
 
+def test_the_card_of_a_saved_dataset_names_it_not_the_digits(in_process, tmp_path):
+    # dataset_type was "digits" for any dataset without a slash in its name.
+    data = save_cifar100_like(tmp_path / "cifar100-like")
+    in_process([*QUICK, "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")])
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    (result,) = card.data.eval_results
+    assert result.dataset_type == "cifar100-like" and card.data.datasets is None  # not a Hub dataset
+    assert f"local dataset `{data}`" in card.text
+
+
+def test_a_hub_dataset_id_without_a_slash_is_a_hub_dataset_in_the_card(tmp_path):
+    # "cifar10" (a legacy Hub id) was described as the digits.
+    args = finetune.parse_args([*QUICK, "--dataset_name", "cifar10", "--output_dir", str(tmp_path)])
+    source = data.DataSource.from_args(args)
+    assert (source.kind, source.hub_id) == ("hub", "cifar10")
+    assert report.dataset_description(source) == ("cifar10", "cifar10")
+    args = finetune.parse_args([*QUICK, "--output_dir", str(tmp_path)])
+    assert (
+        data.DataSource.from_args(args).hub_id is None
+        and report.dataset_description(data.DataSource.from_args(args))[0] == "digits"
+    )
+
+
 def test_plain_integer_labels_become_classes_in_every_split(in_process, tmp_path):
     rng = np.random.default_rng(0)
     images = [PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(40)]
@@ -302,10 +334,10 @@ def test_plain_integer_labels_become_classes_in_every_split(in_process, tmp_path
 
 def test_unknown_columns_are_listed(tmp_path):
     dataset = datasets.Dataset.from_dict({"picture_bytes": [b"x"], "y": [0]})
-    with pytest.raises(finetune.UsageError, match=r"no image column .*picture_bytes \(Value\), y \(Value\)"):
-        finetune.detect_columns(dataset, None, None)
-    with pytest.raises(finetune.UsageError, match=r"no label column named 'klass'"):
-        finetune.detect_columns(dataset, "picture_bytes", "klass")
+    with pytest.raises(cli.UsageError, match=r"no image column .*picture_bytes \(Value\), y \(Value\)"):
+        data.detect_columns(dataset, None, None)
+    with pytest.raises(cli.UsageError, match=r"no label column named 'klass'"):
+        data.detect_columns(dataset, "picture_bytes", "klass")
 
 
 def test_validation_split_percentage_keeps_the_test_split_for_the_end(in_process, tmp_path):
@@ -335,11 +367,18 @@ def test_bad_data_is_one_line_and_exit_status_2(tmp_path, case):
     # 10 training images in batches of 4 for 10 steps: every image is decoded, on a worker process.
     args = [*QUICK, "--train_dir", str(train), "--validation_split_percentage", "20", "--dataloader_num_workers", "1",
             "--total_batch_size", "4", "--max_train_steps", "10", "--eval_steps", "10"]  # fmt: skip
-    result = run_script([*args, "--output_dir", str(tmp_path / "out")], tmp_path / "home")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune.py: error:")]
-    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0])
+    command = [sys.executable, str(SCRIPT), *args, "--output_dir", str(tmp_path / "out")]
+    # As bytes: text mode would turn the progress lines' carriage returns into line ends.
+    result = subprocess.run(command, env=environment(tmp_path / "home"), capture_output=True, timeout=300)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("finetune.py: error:")]
+    assert len(errors) == 1 and stderr.rstrip().endswith(errors[0])
+    # What a terminal shows (each line as its last carriage return left it) is the error line alone: the progress
+    # lines ("Generating train split", "decoding images") stayed above it.
+    shown = [line.rsplit("\r", 1)[-1] for line in stderr.split("\n")]
+    assert [line for line in shown if line.strip()] == errors, stderr
     if case == "corrupt image":
         assert "broken.png" in errors[0]
     else:
@@ -351,15 +390,28 @@ def test_an_empty_split_is_a_usage_error(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     empty = datasets.Dataset.from_dict({"image": [], "label": []}, features=features)
     args = finetune.parse_args([*QUICK, "--output_dir", str(tmp_path / "out")])
-    with pytest.raises(finetune.UsageError, match="the train split of 'digits' is empty"):
-        finetune.prepare_splits(datasets.DatasetDict(train=empty, test=empty), args)
+    with pytest.raises(cli.UsageError, match="the train split of 'digits' is empty"):
+        data.prepare_splits(datasets.DatasetDict(train=empty, test=empty), args)
     one = datasets.Dataset.from_dict({"image": [PIL.Image.new("RGB", (4, 4))], "label": [0]}, features=features)
-    with pytest.raises(finetune.UsageError, match="the test split of 'digits' is empty"):
-        finetune.prepare_splits(datasets.DatasetDict(train=one, test=empty), args)
+    with pytest.raises(cli.UsageError, match="the test split of 'digits' is empty"):
+        data.prepare_splits(datasets.DatasetDict(train=one, test=empty), args)
+
+
+def test_split_errors_name_the_image_folder_on_train_dir_runs(tmp_path):
+    # They named --dataset_name's default: "the train split of 'digits' is empty" for a --train_dir run.
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    empty = datasets.Dataset.from_dict({"image": [], "label": []}, features=features)
+    one = datasets.Dataset.from_dict({"image": [PIL.Image.new("RGB", (4, 4))], "label": [0]}, features=features)
+    folder = write_imagefolder(tmp_path / "images", corrupt=False)
+    args = finetune.parse_args([*QUICK, "--train_dir", str(folder), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(cli.UsageError, match=f"the train split of '{folder}' is empty"):
+        data.prepare_splits(datasets.DatasetDict(train=empty, validation=empty), args)
+    with pytest.raises(cli.UsageError, match=f"the validation split of '{folder}' is empty"):
+        data.prepare_splits(datasets.DatasetDict(train=one, validation=empty), args)
 
 
 def test_batch_sizes_that_do_not_multiply_to_the_total_are_refused(in_process, tmp_path):
-    with pytest.raises(finetune.UsageError, match=r"--total_batch_size 16 must equal .*\(12\)"):
+    with pytest.raises(cli.UsageError, match=r"--total_batch_size 16 must equal .*\(12\)"):
         in_process([*QUICK, "--per_device_train_batch_size", "12", "--output_dir", str(tmp_path / "out")])
 
 
@@ -387,31 +439,66 @@ def test_fine_tunes_an_hf_vit_folder_on_other_classes_with_ignore_mismatched_siz
     data = save_cifar100_like(tmp_path / "cifar100-like")
     args = ["--model_name_or_path", str(trained["dir"]), "--dataset_name", str(data), "--total_batch_size", "8",
             "--max_train_steps", "2", "--num_warmup_steps", "0", "--eval_steps", "2", "--dataloader_num_workers", "0"]  # fmt: skip
-    with pytest.raises(finetune.UsageError, match="pass --ignore_mismatched_sizes"):
+    with pytest.raises(cli.UsageError, match="pass --ignore_mismatched_sizes"):
         in_process([*args, "--output_dir", str(tmp_path / "refused")])
     in_process([*args, "--ignore_mismatched_sizes", "--output_dir", str(tmp_path / "out")])
     state = weights(tmp_path / "out")
     assert state["head.weight"].shape == (3, 128)
     assert f"**Base model:** `{trained['dir']}`" in (tmp_path / "out" / "README.md").read_text()
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    # It had no license: the base model's is kept (a local folder is no Hub id: no base_model field).
+    assert card.data.license == ModelCard.load(trained["dir"] / "README.md").data.license == "apache-2.0"
+    assert card.data.base_model is None and "fine-tuned for image classification" in card.text
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(in_process, tmp_path, monkeypatch):
-    crop, calls = finetune.random_resized_crop, []
+    crop, calls = augmentation.random_resized_crop, []
 
     def nan_from_the_fourth_step(*args, **kwargs):
         calls.append(1)
         pixel_values = crop(*args, **kwargs)
         return pixel_values * float("nan") if len(calls) >= 4 else pixel_values
 
-    monkeypatch.setattr(finetune, "random_resized_crop", nan_from_the_fourth_step)
+    monkeypatch.setattr(augmentation, "random_resized_crop", nan_from_the_fourth_step)
     output = tmp_path / "out"
     args = [*QUICK, "--max_train_steps", "20", "--checkpointing_steps", "1", "--output_dir", str(output)]
-    with pytest.raises(finetune.NonFiniteLossError, match=r"loss became nan at step 4 .*step_000003") as error:
+    with pytest.raises(cli.NonFiniteLossError, match=r"loss became nan at step 4 .*step_000003") as error:
         in_process(args)
     assert "\n" not in str(error.value)
-    assert [folder.name for folder in finetune.checkpoint_folders(output)] == ["step_000002", "step_000003"]
+    assert [folder.name for folder in run_folder.checkpoint_folders(output)] == ["step_000002", "step_000003"]
     assert all(torch.isfinite(tensor).all() for tensor in weights(output / "checkpoints" / "step_000003").values())
     assert not (output / "model.safetensors").exists()
+
+
+def test_a_card_fine_tuned_from_the_hub_has_base_model_license_and_datasets(tmp_path, monkeypatch):
+    # A fine-tuned card had no license, and no datasets or base_model for ids without a slash.
+    class BaseCard:
+        data = type("Data", (), {"license": "mit"})()
+
+    loaded = []
+    monkeypatch.setattr(report.ModelCard, "load", lambda name: loaded.append(name) or BaseCard())
+    run = report.RunDescription(
+        provenance=models.Provenance("pretrained", "me/vit-base"),
+        source=data.DataSource("hub", "cifar10"),
+        labels=["cat", "dog"],
+        train_samples=10,
+        monitor_split="test",
+        architecture="tiny",
+        hyperparameters={"image_size": 32},
+        hardware="a CPU",
+        command="python examples/finetune.py",
+        changes=[],
+        eval_steps=1,
+        hub_model_id=None,
+    )
+    results = {"eval_accuracy": 0.5, "eval_split": "test", "eval_samples": 4, "train_steps": 1, "best_eval_step": 1,
+               "best_eval_accuracy": 0.5, "monitor_samples": 4, "train_runtime": 90.0, "train_samples_per_second": 1.0}  # fmt: skip
+    report.write_model_card(tmp_path, run, results)
+    monkeypatch.undo()  # the real ModelCard.load, to read what was written
+    card = ModelCard.load(tmp_path / "README.md")
+    assert loaded == ["me/vit-base"]
+    assert (card.data.license, card.data.base_model, card.data.datasets) == ("mit", "me/vit-base", ["cifar10"])
+    assert card.data.eval_results[0].dataset_type == "cifar10" and "Wall time: 1.5 min" in card.text
 
 
 class HubRecorder:
@@ -432,7 +519,7 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_folder_without_check
     in_process, tmp_path, monkeypatch
 ):
     HubRecorder.calls = []
-    monkeypatch.setattr(finetune, "HfApi", HubRecorder)
+    monkeypatch.setattr(report, "HfApi", HubRecorder)
     output = tmp_path / "vit-digits"
     in_process([*QUICK, "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "me/vit-digits",
                 "--with_tracking", "--output_dir", str(output)])  # fmt: skip
@@ -478,6 +565,9 @@ def test_each_shipped_accelerate_config_launches_on_two_cpu_processes(name, tmp_
         assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((output / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["train_steps"] == 3
+    # A run this short said "Wall time: 0.0 min".
+    wall = re.search(r"Wall time: (\d+) s", (output / "README.md").read_text())
+    assert wall and int(wall[1]) == round(results["train_runtime"]) > 0
     assert (output / "checkpoints" / "step_000002" / "training_state.json").is_file()
     assert weights(output)["head.weight"].shape == (10, 32)
 
@@ -504,7 +594,7 @@ def test_accelerate_configs_load(name):
 def test_crop_off_is_a_plain_bilinear_resize_and_normalise():
     pixels = torch.randint(0, 256, (3, 3, 8, 6), dtype=torch.uint8)
     uniforms = torch.rand(3, 5, generator=torch.Generator().manual_seed(0))
-    crops = finetune.random_resized_crop(pixels, uniforms, (16, 12), (1.0, 1.0), horizontal_flip=False)
+    crops = NORMALIZE(augmentation.random_resized_crop(pixels, uniforms, (16, 12), (1.0, 1.0), horizontal_flip=False))
     resized = torch.nn.functional.interpolate(pixels.float(), size=(16, 12), mode="bilinear", align_corners=False)
     torch.testing.assert_close(crops, (resized / 255 - 0.5) / 0.5, rtol=0, atol=1e-5)
     assert hf_vit.IMAGE_MEAN == (0.5, 0.5, 0.5) and hf_vit.IMAGE_STD == (0.5, 0.5, 0.5)
@@ -514,17 +604,17 @@ def test_crop_takes_the_box_the_numbers_say_and_flips_it():
     pixels = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) % 251
     # area 1/4, aspect 1 (u1 = 0.5 is the middle of the log-ratio range), box at the bottom-right corner (u2 = u3 = 1)
     uniforms = torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.9], [0.0, 0.5, 1.0, 1.0, 0.1]])
-    crops = finetune.random_resized_crop(pixels, uniforms, (4, 4), (0.25, 1.0), horizontal_flip=True)
+    crops = NORMALIZE(augmentation.random_resized_crop(pixels, uniforms, (4, 4), (0.25, 1.0), horizontal_flip=True))
     corner = (pixels[:, :, 4:, 4:] / 255 - 0.5) / 0.5  # a 4x4 box resized to 4x4 is the box itself
     torch.testing.assert_close(crops[0], corner[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(crops[1], corner[1].flip(-1), rtol=0, atol=1e-5)
 
 
 def test_augmentation_numbers_depend_on_seed_and_step_only():
-    first = finetune.step_uniforms(0, 7, 64)
-    assert torch.equal(first, finetune.step_uniforms(0, 7, 64))
-    assert not torch.equal(first, finetune.step_uniforms(0, 8, 64))
-    assert not torch.equal(first, finetune.step_uniforms(1, 7, 64))
+    first = augmentation.step_numbers(0, 7, 64, 5)
+    assert torch.equal(first, augmentation.step_numbers(0, 7, 64, 5))
+    assert not torch.equal(first, augmentation.step_numbers(0, 8, 64, 5))
+    assert not torch.equal(first, augmentation.step_numbers(1, 7, 64, 5))
 
 
 # ---- speed switches: same results
@@ -541,13 +631,13 @@ def test_in_memory_images_train_exactly_as_the_decoding_workers(in_process, tmp_
 
 
 def test_losses_are_read_from_the_device_once_per_logging_interval(in_process, tmp_path, monkeypatch):
-    reads, log_losses = [], finetune.log_losses
+    reads, read_losses = [], TrainingLog.read_losses
 
-    def counted(unlogged, *args):
-        reads.append([step for step, _, _ in unlogged])
-        return log_losses(unlogged, *args)
+    def counted(log):
+        reads.append([step for step, _, _ in log.unlogged])
+        return read_losses(log)
 
-    monkeypatch.setattr(finetune, "log_losses", counted)
+    monkeypatch.setattr(TrainingLog, "read_losses", counted)
     args = [*QUICK, "--max_train_steps", "25", "--logging_steps", "10", "--eval_steps", "20", "--checkpointing_steps",
             "100", "--output_dir", str(tmp_path / "out")]  # fmt: skip
     results = in_process(args)
@@ -567,3 +657,51 @@ def test_torch_compile_gives_the_same_losses(in_process, tmp_path):
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-5)
     for key, tensor in weights(tmp_path / "eager").items():  # saved without torch.compile's _orig_mod prefix
         torch.testing.assert_close(weights(tmp_path / "compiled")[key], tensor, rtol=1e-4, atol=1e-5)
+
+
+# ---- adaptation points: optimizer, augmentation
+
+
+def test_adamw_with_weight_decay_trains_and_the_card_describes_it(in_process, tmp_path):
+    output = tmp_path / "out"
+    args = [*QUICK, "--optimizer", "adamw", "--learning_rate", "1e-3", "--weight_decay", "0.05"]
+    results = in_process([*args, "--checkpointing_steps", "2", "--output_dir", str(output)])
+    assert results["train_steps"] == 3 and np.isfinite(results["train_loss"])
+    text = (output / "README.md").read_text()
+    assert "| optimizer | AdamW, betas (0.9, 0.999), eps 1e-08 |" in text and "momentum" not in text
+    assert "| learning_rate | 0.001 |" in text and "| weight_decay | 0.05 |" in text
+    run = json.loads((output / "run.json").read_text())["arguments"]
+    assert (run["optimizer"], run["weight_decay"]) == ("adamw", 0.05)
+    optimizer_state = torch.load(output / "checkpoints" / "step_000002" / "optimizer.bin", weights_only=True)
+    assert "exp_avg_sq" in optimizer_state["state"][0]  # really AdamW's state, not SGD's momentum buffer
+
+
+class Brightness:
+    """A plugged-in augmentation: one class, its flag, one random number per image."""
+
+    numbers_per_image = 1
+    seen = []
+
+    @staticmethod
+    def add_arguments(group):
+        group.add_argument("--brightness", type=float, default=0.0)
+
+    def __init__(self, args, image_size):
+        self.brightness = args.brightness
+
+    def __call__(self, pixels, numbers):
+        self.seen.append((tuple(pixels.shape), tuple(numbers.shape)))
+        return (pixels * (1 + self.brightness * (2 * numbers - 1)).view(-1, 1, 1, 1)).clamp(0, 255)
+
+
+def test_an_augmentation_plugged_in_is_one_class_and_its_flag_is_run_defining(in_process, tmp_path, monkeypatch):
+    monkeypatch.setattr(augmentation, "AUGMENTATIONS", [augmentation.RandomResizedCrop, Brightness])
+    Brightness.seen = []
+    output = tmp_path / "out"
+    in_process([*QUICK, "--brightness", "0.2", "--output_dir", str(output)])
+    assert Brightness.seen == [((16, 3, 8, 8), (16, 1))] * 3  # after the crop, at the model's size, every step
+    assert json.loads((output / "run.json").read_text())["arguments"]["brightness"] == 0.2
+    assert "| brightness | 0.2 |" in (output / "README.md").read_text()
+    args = [*QUICK, "--brightness", "0.3", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(run_folder.RunFolderError, match=r"--brightness 0.2 -> 0.3"):
+        in_process([*args, "--output_dir", str(output)])

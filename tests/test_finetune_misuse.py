@@ -14,7 +14,9 @@ from pathlib import Path
 import PIL.Image
 import pytest
 from safetensors import SafetensorError
-from test_finetune import QUICK, RUN, SCRIPT, environment, finetune, free_port, run_script
+from test_finetune import QUICK, ROOT, RUN, SCRIPT, environment, finetune, free_port, run_script
+
+from hf_vit_examples import cli, models, report, run_folder
 
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -40,7 +42,7 @@ def earlier_run(in_process, tmp_path):
     """A finished run of 6 steps with checkpoints at steps 4 and 5 (the last 2 of every step)."""
     output = tmp_path / "earlier"
     in_process(quick(output, "--max_train_steps", "6", "--checkpointing_steps", "1"))
-    assert [f.name for f in finetune.checkpoint_folders(output)] == ["step_000004", "step_000005"]
+    assert [f.name for f in run_folder.checkpoint_folders(output)] == ["step_000004", "step_000005"]
     return output
 
 
@@ -50,13 +52,13 @@ def test_a_folder_with_another_runs_checkpoints_is_refused_and_latest_does_not_r
     reused = tmp_path / "reused"
     shutil.copytree(earlier_run / "checkpoints", reused / "checkpoints")  # the issue's `cp -r runA/checkpoints runH/`
     args = quick(reused, "--max_train_steps", "3", "--checkpointing_steps", "1")
-    with pytest.raises(finetune.RunFolderError, match=r"holds the checkpoints of a run up to step 5:"):
+    with pytest.raises(run_folder.RunFolderError, match=r"holds the checkpoints of a run up to step 5:"):
         in_process(args)
     # Resuming them under other arguments names what differs; before, it resumed at step 5 of a 3-step run.
-    with pytest.raises(finetune.RunFolderError, match=r"--max_train_steps 6 -> 3"):
+    with pytest.raises(run_folder.RunFolderError, match=r"--max_train_steps 6 -> 3"):
         in_process([*args, "--resume_from_checkpoint", "latest"])
     assert sorted(p.name for p in reused.iterdir()) == ["checkpoints"]  # untouched
-    assert [f.name for f in finetune.checkpoint_folders(reused)] == ["step_000004", "step_000005"]
+    assert [f.name for f in run_folder.checkpoint_folders(reused)] == ["step_000004", "step_000005"]
 
 
 def test_checkpoints_without_a_run_record_are_not_resumed(earlier_run, in_process, tmp_path):
@@ -66,14 +68,14 @@ def test_checkpoints_without_a_run_record_are_not_resumed(earlier_run, in_proces
     state = json.loads(state_file.read_text())
     del state["run"]
     state_file.write_text(json.dumps(state))
-    with pytest.raises(finetune.RunFolderError, match="has no run record"):
+    with pytest.raises(run_folder.RunFolderError, match="has no run record"):
         in_process(quick(legacy, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
 
 
 def test_running_again_into_a_finished_run_says_it_is_finished(earlier_run, in_process):
     # It said "the checkpoints of another run" and advised resuming them, which would train steps 6.. again.
     message = "holds a finished run: its model, and checkpoints up to step 5: pass --overwrite_output_dir to replace"
-    with pytest.raises(finetune.RunFolderError, match=message):
+    with pytest.raises(run_folder.RunFolderError, match=message):
         in_process(quick(earlier_run))
 
 
@@ -81,7 +83,7 @@ def test_a_folder_holding_a_model_is_not_overwritten_without_being_told(earlier_
     (earlier_run / "checkpoints").rename(earlier_run.parent / "moved")
     before = (earlier_run / "model.safetensors").read_bytes()
     with pytest.raises(
-        finetune.RunFolderError, match="already holds a model: pass --overwrite_output_dir to replace it"
+        run_folder.RunFolderError, match="already holds a model: pass --overwrite_output_dir to replace it"
     ):
         in_process(quick(earlier_run))
     assert (earlier_run / "model.safetensors").read_bytes() == before
@@ -91,7 +93,7 @@ def test_overwrite_output_dir_really_starts_clean(earlier_run, in_process):
     (earlier_run / "notes.txt").write_text("another run's notes")
     results = in_process(quick(earlier_run, "--max_train_steps", "2", "--overwrite_output_dir"))
     assert results["train_steps"] == 2
-    assert not (earlier_run / "notes.txt").exists() and finetune.checkpoint_folders(earlier_run) == []
+    assert not (earlier_run / "notes.txt").exists() and run_folder.checkpoint_folders(earlier_run) == []
     run = json.loads((earlier_run / "run.json").read_text())
     assert run["arguments"]["max_train_steps"] == 2 and set(run["data"]) == {"train", "test"}
 
@@ -105,25 +107,23 @@ def test_an_overwrite_that_fails_before_training_leaves_the_old_run_as_it_was(ea
     before = contents(earlier_run)
     overrides = QUICK[QUICK.index("--config_overrides") + 1].replace("hidden_size=32", "hidden_size=30")
     args = quick(earlier_run, "--overwrite_output_dir", "--config_overrides", overrides)
-    with pytest.raises(
-        finetune.UsageError, match=r"cannot build the model: hidden_size \(30\) must be divisible"
-    ) as error:
+    with pytest.raises(cli.UsageError, match=r"cannot build the model: hidden_size \(30\) must be divisible") as error:
         in_process(args)
     assert not str(error.value).endswith("..")
     assert contents(earlier_run) == before and sorted(p.name for p in earlier_run.iterdir() if p.name[0] == ".") == []
 
 
 def test_a_folder_an_overwrite_was_killed_in_says_where_the_old_run_is(earlier_run, in_process):
-    finetune.start_run_folder(earlier_run, "overwrite")  # then SIGKILL: keep_run_folder or undo_run_folder never ran
+    run_folder.start_run_folder(earlier_run, "overwrite")  # then SIGKILL: keep_run_folder or undo_run_folder never ran
     (set_aside,) = earlier_run.iterdir()
-    with pytest.raises(finetune.RunFolderError, match=rf"holds {set_aside.name}, what an interrupted --overwrite"):
+    with pytest.raises(run_folder.RunFolderError, match=rf"holds {set_aside.name}, what an interrupted --overwrite"):
         in_process(quick(earlier_run))
 
 
 def test_an_overwrite_failing_on_one_process_only_leaves_the_old_run_as_it_was(earlier_run, tmp_path):
     # Rank 0 had set up and deleted the old contents while rank 1 was still failing to load the checkpoint.
     checkpoint = tmp_path / "step_000005"
-    shutil.copytree(finetune.checkpoint_folders(earlier_run)[-1], checkpoint)
+    shutil.copytree(run_folder.checkpoint_folders(earlier_run)[-1], checkpoint)
     target = tmp_path / "target"
     shutil.copytree(earlier_run, target)
     before = contents(target)
@@ -155,14 +155,14 @@ def test_a_resume_that_fails_changes_nothing_and_the_right_command_still_resumes
     args = quick(earlier_run, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
     # Past the checkpoint's step: refused, and (before) run.json already said --max_train_steps 3.
     wrong = [*args[:-4], "--max_train_steps", "3", *args[-2:], "--allow_changed_arguments"]
-    with pytest.raises(finetune.UsageError, match="is at step 5, not before --max_train_steps 3: raise"):
+    with pytest.raises(cli.UsageError, match="is at step 5, not before --max_train_steps 3: raise"):
         in_process(wrong)
     assert contents(earlier_run) == before
     # A checkpoint of another model: one line saying what does not fit, and no folder left behind.
     overrides = QUICK[QUICK.index("--config_overrides") + 1].replace("hidden_size=32", "hidden_size=16")
     other = quick(tmp_path / "other", "--max_train_steps", "6", "--config_overrides", overrides)
-    checkpoint = str(finetune.checkpoint_folders(earlier_run)[-1])
-    with pytest.raises(finetune.UsageError, match=r"does not fit the model this command builds \(size mismatch for"):
+    checkpoint = str(run_folder.checkpoint_folders(earlier_run)[-1])
+    with pytest.raises(cli.UsageError, match=r"does not fit the model this command builds \(size mismatch for"):
         in_process([*other, "--resume_from_checkpoint", checkpoint, "--allow_changed_arguments"])
     assert not (tmp_path / "other").exists()
     assert in_process(args)["train_steps"] == 6
@@ -171,7 +171,7 @@ def test_a_resume_that_fails_changes_nothing_and_the_right_command_still_resumes
 def test_resuming_with_other_hyper_parameters_is_refused_by_name_or_recorded_when_allowed(earlier_run, in_process):
     (earlier_run / "model.safetensors").unlink()
     args = quick(earlier_run, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
-    with pytest.raises(finetune.RunFolderError, match=r"--total_batch_size 16 -> 8; --learning_rate 0.03 -> 0.5"):
+    with pytest.raises(run_folder.RunFolderError, match=r"--total_batch_size 16 -> 8; --learning_rate 0.03 -> 0.5"):
         in_process([*args, "--learning_rate", "0.5", "--total_batch_size", "8"])
     # Not run-defining: how the batch is split, workers, logging, checkpoint cadence.
     in_process([*args, "--per_device_train_batch_size", "8", "--checkpointing_steps", "3"])
@@ -201,12 +201,12 @@ def test_pruning_never_deletes_the_checkpoint_it_just_wrote(tmp_path):
     for step in (80, 100):
         (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_000010.partial").mkdir()  # a save killed halfway
-    final = finetune.save_checkpoint(FakeAccelerator(), tmp_path, 20, {"completed_steps": 20}, keep=2)
-    assert final.is_dir() and finetune.checkpoint_folders(tmp_path) == [final]
+    final = run_folder.save_checkpoint(FakeAccelerator(), tmp_path, 20, {"completed_steps": 20}, keep=2)
+    assert final.is_dir() and run_folder.checkpoint_folders(tmp_path) == [final]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000020"]
     for step in (30, 40):
-        finetune.save_checkpoint(FakeAccelerator(), tmp_path, step, {"completed_steps": step}, keep=2)
-    assert [f.name for f in finetune.checkpoint_folders(tmp_path)] == ["step_000030", "step_000040"]
+        run_folder.save_checkpoint(FakeAccelerator(), tmp_path, step, {"completed_steps": step}, keep=2)
+    assert [f.name for f in run_folder.checkpoint_folders(tmp_path)] == ["step_000030", "step_000040"]
 
 
 def test_two_processes_write_complete_checkpoints_and_no_partials(tmp_path):
@@ -217,7 +217,7 @@ def test_two_processes_write_complete_checkpoints_and_no_partials(tmp_path):
     result = run_script([*args, "--checkpoints_total_limit", "0"], tmp_path / "home", launcher=two_processes())
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in range(1, 50)]
-    for checkpoint in finetune.checkpoint_folders(output):
+    for checkpoint in run_folder.checkpoint_folders(output):
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}, checkpoint
 
 
@@ -242,11 +242,11 @@ class FullDisk(FakeAccelerator):
 )
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_complete_one(tmp_path, error):
     # It was a traceback (SafetensorError, torch's RuntimeError), and the .partial folder stayed.
-    finetune.save_checkpoint(FakeAccelerator(), tmp_path, 10, {"completed_steps": 10}, keep=2)
+    run_folder.save_checkpoint(FakeAccelerator(), tmp_path, 10, {"completed_steps": 10}, keep=2)
     with pytest.raises(
-        finetune.RunFolderError, match=r"cannot write the checkpoint of step 20 into .*checkpoints"
+        run_folder.RunFolderError, match=r"cannot write the checkpoint of step 20 into .*checkpoints"
     ) as e:
-        finetune.save_checkpoint(FullDisk(error), tmp_path, 20, {"completed_steps": 20}, keep=2)
+        run_folder.save_checkpoint(FullDisk(error), tmp_path, 20, {"completed_steps": 20}, keep=2)
     assert "the last complete checkpoint is " + str(tmp_path / "checkpoints" / "step_000010") in str(e.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010"]
 
@@ -309,7 +309,7 @@ def test_bad_input_is_one_error_and_leaves_no_folder(in_process, tmp_path, extra
     write_random_npz(places["npz"], num_classes=7)  # patch 8: 12 px is not a multiple
     output = tmp_path / "out"
     args = quick(output, *(word.format(**places) for word in extra))
-    with pytest.raises((finetune.UsageError, finetune.RunFolderError), match=message) as error:
+    with pytest.raises((cli.UsageError, run_folder.RunFolderError), match=message) as error:
         in_process(args)
     assert "\n" not in str(error.value)
     assert not output.exists()
@@ -322,7 +322,7 @@ def test_a_tracker_that_is_not_installed_is_refused_instead_of_logging_nowhere(t
     if missing is None:
         pytest.skip("wandb, mlflow and aim are all installed here")
     args = quick(tmp_path / "out", "--with_tracking", "--report_to", missing)
-    with pytest.raises(finetune.UsageError, match=f"--report_to {missing}: the {missing} package is not installed"):
+    with pytest.raises(cli.UsageError, match=f"--report_to {missing}: the {missing} package is not installed"):
         finetune.parse_args(args)
 
 
@@ -332,10 +332,10 @@ def test_unknown_names_fail_before_any_hub_lookup(monkeypatch, tmp_path):
 
     monkeypatch.setattr(finetune.transformers.AutoConfig, "from_pretrained", no_hub)
     args = finetune.parse_args(["--model_name_or_path", "ViT-L_61", "--output_dir", str(tmp_path)])
-    with pytest.raises(finetune.UsageError, match=r"did you mean 'ViT-L_16'"):
-        finetune.check_model_names(args)
+    with pytest.raises(cli.UsageError, match=r"did you mean 'ViT-L_16'"):
+        models.check_model_names(args)
     for name in ("google/vit-base-patch16-224", "ViT-B_16", "imagenet21k+imagenet2012/ViT-L_16"):  # Hub id, official
-        finetune.check_model_names(finetune.parse_args(["--model_name_or_path", name, "--output_dir", str(tmp_path)]))
+        models.check_model_names(finetune.parse_args(["--model_name_or_path", name, "--output_dir", str(tmp_path)]))
 
 
 # ---- through the launcher: exit status and one line
@@ -371,14 +371,12 @@ def test_ctrl_c_while_the_final_model_is_written_says_so_and_how_to_resume(in_pr
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    plot = finetune.plot_training_curves
-    monkeypatch.setattr(finetune, "plot_training_curves", ctrl_c)
+    plot = report.plot_training_curves
+    monkeypatch.setattr(report, "plot_training_curves", ctrl_c)
     output = tmp_path / "out"
-    with pytest.raises(
-        finetune.Interrupted, match="interrupted while writing the final model, after step 4 of 4; the"
-    ):
+    with pytest.raises(cli.Interrupted, match="interrupted while writing the final model, after step 4 of 4; the"):
         in_process(quick(output, "--max_train_steps", "4", "--checkpointing_steps", "2"))
-    monkeypatch.setattr(finetune, "plot_training_curves", plot)
+    monkeypatch.setattr(report, "plot_training_curves", plot)
     assert (
         in_process(quick(output, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))["train_steps"] == 4
     )
@@ -408,4 +406,29 @@ def test_ctrl_c_under_accelerate_launch_ends_with_one_line_saying_how_to_resume(
     assert last.startswith("finetune.py: interrupted at step ") and " of 400; the last checkpoint is " in last
     assert last.endswith("Continue with the same command and --resume_from_checkpoint latest.")
     checkpoint = Path(last.split("the last checkpoint is ")[1].split(". Continue")[0])
-    assert checkpoint.is_dir() and checkpoint == finetune.checkpoint_folders(output)[-1]
+    assert checkpoint.is_dir() and checkpoint == run_folder.checkpoint_folders(output)[-1]
+
+
+# ---- the install
+
+
+def test_a_clone_named_hf_vit_does_not_shadow_the_package_from_its_parent_folder(tmp_path):
+    # With a clone named hf_vit (the repository's name) in the current folder, `import hf_vit` found the clone as an
+    # empty namespace package: the editable install's import hook ran after the current folder was searched.
+    # pyproject.toml's package-dir makes the install a sys.path entry instead, searched before namespace packages win.
+    (tmp_path / "hf_vit").symlink_to(ROOT, target_is_directory=True)  # the clone, seen from its parent folder
+    code = (
+        "import numpy as np, PIL.Image, hf_vit\n"
+        "from transformers import pipeline\n"
+        "config = hf_vit.VisionTransformerConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,"
+        " num_attention_heads=4, intermediate_size=37, num_labels=3)\n"
+        "hf_vit.VisionTransformerForImageClassification(config).save_pretrained('model')\n"
+        "image = PIL.Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))\n"
+        "print(hf_vit.__file__, len(pipeline('image-classification', model='model')(image)))\n"
+    )
+    env = {**environment(tmp_path / "home"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [str(ROOT / "hf_vit" / "__init__.py"), "3"]

@@ -329,3 +329,21 @@ def test_non_finite_weights_or_logits_are_refused_in_one_line(where, image_file,
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "non-finite" in errors[0], errors
     assert list(output.parent.iterdir()) == []
+
+
+def test_the_caption_counts_the_predictions_it_lists(image_file, tmp_path, monkeypatch):
+    # A 3-class model's caption said "top-5:" above its 3 predictions.
+    classifier(classifier="gap", num_labels=3).save_pretrained(tmp_path / "model")
+    cli, captions = load_cli(), []
+    plot = cli.plot_attention
+
+    def record(*args, caption, **kwargs):
+        captions.append(caption)
+        return plot(*args, caption=caption, **kwargs)
+
+    monkeypatch.setattr(cli, "plot_attention", record)
+    arguments = ["--model", str(tmp_path / "model"), "--image", str(image_file), "--output", str(tmp_path / "m.png")]
+    assert cli.main(arguments) == 0
+    (caption,) = captions
+    header, *predictions = caption.splitlines()
+    assert header.endswith(", top-3:") and len(predictions) == 3

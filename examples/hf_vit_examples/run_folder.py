@@ -1,6 +1,10 @@
 """The output folder of an `examples/finetune.py` run: which run owns it, its checkpoints, and what a resume may change.
 
-A run writes `OUTPUT_DIR/run.json` (what defines it: the arguments below, the data's fingerprints, the model source)
+`RunFolder` is the one object the script talks to: it claims the folder (and puts it back if the run fails before
+training), resumes, writes checkpoints, and turns Ctrl-C into a line saying how to resume. The functions before it
+are its steps.
+
+A run writes `OUTPUT_DIR/run.json` (what defines it: the run-defining arguments, the data's fingerprints)
 once it is set up, and the same record into every checkpoint. So a new run can tell its own folder from another
 run's, `--resume_from_checkpoint latest` continues only the run that wrote the checkpoints, and a resume that
 changes what the run is (learning rate, steps, data...) is refused by name unless `--allow_changed_arguments` says so.
@@ -9,55 +13,42 @@ Checkpoints are `OUTPUT_DIR/checkpoints/step_000500` folders of `accelerator.sav
 name and renamed once complete.
 """
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from .cli import Interrupted, UsageError
+from .optimizer import apply_changed_arguments
+
+
+logger = get_logger(__name__)
 
 
 RUN_FILE = "run.json"
 CHECKPOINT_PREFIX = "step_"
-# The arguments that make a run what it is. The others (workers, logging, checkpoint cadence, batch split across
-# processes, Hub) may change between a run and its resume without changing its result.
-RUN_DEFINING_ARGUMENTS = (
-    "model_name_or_path",
-    "config_name",
-    "config_overrides",
-    "image_size",
-    "ignore_mismatched_sizes",
-    "dataset_name",
-    "dataset_config_name",
-    "train_dir",
-    "validation_dir",
-    "image_column_name",
-    "label_column_name",
-    "validation_split_percentage",
-    "max_train_samples",
-    "max_eval_samples",
-    "crop_scale",
-    "horizontal_flip",
-    "total_batch_size",
-    "learning_rate",
-    "momentum",
-    "weight_decay",
-    "max_grad_norm",
-    "max_train_steps",
-    "num_warmup_steps",
-    "lr_scheduler_type",
-    "seed",
-)
 
 
 class RunFolderError(Exception):
     """The output folder or checkpoint can't be used as asked: the script reports it as one line, exit status 2."""
 
 
-def run_identity(args, data_fingerprints: dict, mixed_precision: str) -> dict:
-    """What defines a run, as JSON-able values: compared on resume, recorded in run.json and every checkpoint."""
-    arguments = {name: getattr(args, name) for name in RUN_DEFINING_ARGUMENTS}
-    arguments["crop_scale"] = list(arguments["crop_scale"])
+def run_identity(args, run_defining: list[str], data_fingerprints: dict, mixed_precision: str) -> dict:
+    """What defines a run, as JSON-able values: compared on resume, recorded in run.json and every checkpoint.
+
+    `run_defining`: the arguments of the parser's run-defining groups. The others (workers, logging, checkpoint
+    cadence, how the batch is split across processes, Hub) may change between a run and its resume without changing
+    its result."""
+    arguments = {name: getattr(args, name) for name in run_defining}
+    arguments = {name: list(value) if isinstance(value, tuple) else value for name, value in arguments.items()}
     arguments["mixed_precision"] = mixed_precision
     return {"arguments": arguments, "data": data_fingerprints}
 
@@ -302,3 +293,113 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides accelerate's own state (model, optimizer, scheduler, RNGs)."""
+
+    completed_steps: int = 0
+    history: dict = field(default_factory=dict)  # the training log's, see training_log.TrainingLog
+    elapsed_before: float = 0.0  # wall time of the sessions before this one
+    changes: list = field(default_factory=list)  # the --allow_changed_arguments changes, by step
+    session_start: float = field(default_factory=time.time)
+
+    def elapsed(self) -> float:
+        """Wall time of the run, all sessions, loading included."""
+        return self.elapsed_before + time.time() - self.session_start
+
+
+class RunFolder:
+    """The output folder of one run: checked before anything is written, claimed, resumed, checkpointed."""
+
+    def __init__(self, args, plan: str, identity: dict):
+        self.args, self.output_dir, self.plan, self.identity = args, Path(args.output_dir), plan, identity
+        self.checkpoint, self.changes = checkpoint_to_resume(args, identity)
+
+    @contextlib.contextmanager
+    def claim(self, accelerator: Accelerator):
+        """Inside: set up the run (model, loaders, resume). If that fails on any process, the folder goes back to
+        what it was (or away, if this run made it); once it succeeded, run.json records the run and what it
+        replaces is deleted."""
+        created, set_aside = False, None
+        if accelerator.is_main_process:
+            created, set_aside = start_run_folder(self.output_dir, self.plan)
+        try:
+            accelerator.wait_for_everyone()
+            yield
+            # Every process is set up before the old contents go: a process that failed has left this barrier to
+            # torchrun, which stops the others (a KeyboardInterrupt here), so the folder is put back.
+            accelerator.wait_for_everyone()
+        except BaseException:
+            if accelerator.is_main_process:
+                undo_run_folder(self.output_dir, self.plan, created, set_aside)
+            raise
+        if accelerator.is_main_process:
+            keep_run_folder(self.output_dir, set_aside, self.identity)
+
+    def resume(self, accelerator: Accelerator, optimizer, lr_scheduler, session_start: float) -> TrainingState:
+        """The checkpoint's state loaded into the prepared objects, or a fresh state."""
+        if self.checkpoint is None:
+            if self.args.resume_from_checkpoint == "latest":
+                logger.info(f"No checkpoint in {self.output_dir / 'checkpoints'}: starting from scratch.")
+            return TrainingState(session_start=session_start)
+        saved = load_checkpoint(accelerator, self.checkpoint, self.args.max_train_steps)
+        state = TrainingState(
+            saved["completed_steps"], saved["history"], saved["elapsed"], saved.get("changes", []), session_start
+        )
+        if self.changes:
+            apply_changed_arguments(self.args, optimizer, lr_scheduler)
+            state.changes = [*state.changes, {"step": state.completed_steps, "changes": self.changes}]
+            logger.warning(f"Resumed with changed arguments (--allow_changed_arguments): {'; '.join(self.changes)}.")
+        logger.info(f"Resumed from {self.checkpoint} at step {state.completed_steps}.")
+        return state
+
+    def save_checkpoint(self, accelerator: Accelerator, state: TrainingState) -> Path:
+        training_state = {
+            "completed_steps": state.completed_steps,
+            "history": state.history,
+            "elapsed": state.elapsed(),
+            "run": self.identity,
+            "changes": state.changes,
+        }
+        return save_checkpoint(
+            accelerator, self.output_dir, state.completed_steps, training_state, self.args.checkpoints_total_limit
+        )
+
+    @contextlib.contextmanager
+    def interruptible(self, state: TrainingState):
+        """Ctrl-C, or the SIGTERM with which `accelerate launch` stops its child: one Interrupted line saying where
+        the run stopped and how to continue."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            found = checkpoint_folders(self.output_dir)
+            where = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+            final = state.completed_steps == self.args.max_train_steps
+            when = "while writing the final model, after" if final else "at"
+            raise Interrupted(
+                f"interrupted {when} step {state.completed_steps} of {self.args.max_train_steps}; {where}. Continue "
+                "with the same command and --resume_from_checkpoint latest."
+            ) from None
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, max_train_steps: int) -> dict:
+    """Load `checkpoint` into the prepared model, optimizer, scheduler and RNGs; its training_state.json."""
+    state = read_training_state(checkpoint)
+    if state["completed_steps"] >= max_train_steps:
+        raise UsageError(
+            f"{checkpoint} is at step {state['completed_steps']}, not before --max_train_steps {max_train_steps}: "
+            "raise --max_train_steps (with --allow_changed_arguments) to train on."
+        )
+    try:
+        accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, scaler, RNG states
+    except Exception as error:  # a checkpoint of another model, or a damaged one
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+        # load_state_dict's first line only says "Error(s) in loading state_dict for X:"; the next one says what.
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        raise UsageError(
+            f"cannot resume from {checkpoint}: it does not fit the model this command builds ({detail.rstrip(':.')}); "
+            "resume with the model arguments of the run that wrote it."
+        ) from None
+    return state
