@@ -11,7 +11,11 @@ above the resident memory just before the call (VmRSS). The contenders alternate
 cache; the table shows medians over rounds.
 
     python benchmarks/bench_conversion.py --rounds 5   # ViT-B/16
+    python benchmarks/bench_conversion.py --model R50+ViT-B_16 --image-size 384  # the hybrid, resampled to 384 px
     python benchmarks/bench_conversion.py --tiny        # the tests' tiny model: seconds, measures nothing
+
+Verification (`hf_vit.verification`) runs the converted model in float64 and in its saved dtype and the NumPy
+reference in float64 on one image: "convert + verify" minus "convert" is its cost.
 """
 
 import argparse
@@ -31,6 +35,12 @@ import numpy as np
 
 B16 = dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, patch_size=16, image_size=224, num_classes=1000)
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=37, patch_size=8, image_size=32, num_classes=10)
+# (writer in conversion.testing, its keywords): the released layouts, random weights
+MODELS = {
+    "ViT-B_16": ("write_random_npz", B16),
+    "R50+ViT-B_16": ("write_random_hybrid_npz", {**B16, "patch_size": 1}),  # ResNet (3, 4, 9), width 64, 224 px
+    "tiny": ("write_random_npz", TINY),
+}
 ROWS = ("cp", "plain floor", "convert", "convert + verify")
 
 
@@ -70,7 +80,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def probe(kind: str, source: str, output: str) -> None:
+def probe(kind: str, source: str, output: str, image_size: int | None) -> None:
     """Child process: one measured run of `kind`; prints a JSON line."""
     import torch  # noqa: F401  (imported before the baseline, like every other heavy module)
     import transformers  # noqa: F401
@@ -79,23 +89,25 @@ def probe(kind: str, source: str, output: str) -> None:
     from conversion import convert
     from conversion.testing import write_random_npz
 
-    def run(source, output):
+    def run(source, output, image_size=None):
         if kind == "plain floor":
             plain_floor(source, output)
         else:
-            convert(source, output, verify=kind == "convert + verify", verify_images=1, log=None, progress=False)
+            verify = kind == "convert + verify"
+            convert(source, output, image_size=image_size, verify=verify, verify_images=1, log=None, progress=False)
 
     with tempfile.TemporaryDirectory() as warm:  # lazy imports and first calls are not the conversion
         run(str(write_random_npz(f"{warm}/tiny.npz")), f"{warm}/out")
     baseline = _status_kib("VmRSS")
     start = time.perf_counter()
-    run(source, output)
+    run(source, output, image_size)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "rss_growth_bytes": (_status_kib("VmHWM") - baseline) * 1024}))
 
 
-def _run_probe(kind: str, source: Path, output: Path) -> dict:
+def _run_probe(kind: str, source: Path, output: Path, image_size: int | None) -> dict:
     command = [sys.executable, __file__, "--probe", kind, str(source), str(output)]
+    command += ["--image-size", str(image_size)] if image_size else []
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     shutil.rmtree(output)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -111,21 +123,24 @@ def _time_cp(source: Path, destination: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="the tests' tiny model instead of ViT-B/16")
+    parser.add_argument("--model", choices=sorted(MODELS), default="ViT-B_16", help="the random checkpoint's layout")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny model (--model tiny)")
+    parser.add_argument("--image-size", type=int, help="convert to this resolution (position embeddings resampled)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", help="where the .npz and outputs go (default: a temporary folder)")
     parser.add_argument("--probe", nargs=3, metavar=("KIND", "SOURCE", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        probe(*args.probe)
+        probe(*args.probe, args.image_size)
         return
+    model = "tiny" if args.tiny else args.model
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-conversion-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    source = workdir / ("vit-tiny.npz" if args.tiny else "vit-b16-random.npz")
+    source = workdir / f"{model.replace('+', '-')}-random.npz"
     if not source.exists():  # written by a child process so that its memory never counts
-        sizes = TINY if args.tiny else B16
-        code = f"from conversion.testing import write_random_npz; write_random_npz({str(source)!r}, **{sizes!r})"
+        writer, sizes = MODELS[model]
+        code = f"from conversion.testing import {writer}; {writer}({str(source)!r}, **{sizes!r})"
         subprocess.run([sys.executable, "-c", code], check=True)
     size = source.stat().st_size
     source.read_bytes()  # warm the page cache for every contender alike
@@ -133,12 +148,13 @@ def main() -> None:
     for _ in range(args.rounds):
         rows["cp"].append(_time_cp(source, workdir / "copy.npz"))
         for kind in ROWS[1:]:
-            rows[kind].append(_run_probe(kind, source, workdir / "out"))
+            rows[kind].append(_run_probe(kind, source, workdir / "out", args.image_size))
 
     median = {name: statistics.median(r["seconds"] for r in runs) for name, runs in rows.items()}
+    resolution = f", converted to {args.image_size} px" if args.image_size else ""
     print(
-        f"checkpoint: {source.name}, {size / 1e6:.1f} MB; {args.rounds} rounds, medians; {os.cpu_count()} CPUs, "
-        f"load {os.getloadavg()[0]:.1f}"
+        f"checkpoint: {source.name}, {size / 1e6:.1f} MB{resolution}; {args.rounds} rounds, medians; "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
     )
     print(f"{'':20} {'wall s':>7} {'x cp':>6} {'x floor':>8} {'peak RSS growth MB':>19} {'x file':>7}")
     for name, runs in rows.items():
