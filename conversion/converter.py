@@ -524,13 +524,13 @@ def verify_folder(folder: Path, family: Family, checkpoint, arch, target: Target
     from hf_vit.verification import largest_difference, model_outputs, verification_images
 
     with quiet_progress_bars():
-        model, info = target.model_class.from_pretrained(folder, dtype=torch.float64, output_loading_info=True)
+        model, info = target.model_class.from_pretrained(folder, dtype=getattr(torch, dtype), output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise ConversionError(f"The converted folder does not load strictly: {problems}.")
     images = verification_images(num_images, *target.image_size, channels=arch.num_channels)
+    saved = model_outputs(model, images, getattr(torch, dtype))
     exact = model_outputs(model, images, torch.float64)  # upcasting the saved weights is exact
-    saved = model_outputs(model, images, getattr(torch, dtype))  # back to the saved values, exactly
     del model
     with np.errstate(over="ignore", invalid="ignore"):  # weights beyond float16's range: refused, not warned about
         inputs = images if family.reference_stem is None else family.reference_stem(checkpoint, arch, images, dtype)
