@@ -88,8 +88,8 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options)
 
     Args:
         source: a vit_jax or big_vision `.npz`, a vit_jax training checkpoint (`checkpoint_N`, flax msgpack: its
-            params; the step goes into the model card), a seed repo `*_checkpoint.bin` (needs `variant` or `num_heads`), or an
-            official name (`"ViT-B_16"`, `"R50+ViT-B_16"`, `"imagenet21k+imagenet2012/ViT-B_16-224"`, an augreg file
+            params; the step goes into the model card), a seed repo `*_checkpoint.bin` (needs `variant` or
+            `num_heads`), or an official name (`"ViT-B_16"`, `"R50+ViT-B_16"`, `"imagenet21k+imagenet2012/ViT-B_16-224"`, an augreg file
             name) to download. R+ViT hybrids (`.npz` or seed `.bin`) are detected from their ResNet tensors.
         output_dir: the folder to create; it must not exist or be empty, unless `overwrite`.
         variant: e.g. `"ViT-B_16"`; cross-checks the detected architecture (required for a `.bin`: it has no heads).

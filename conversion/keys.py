@@ -280,17 +280,17 @@ def produce(checkpoint, entry: Entry, context: Context) -> np.ndarray:
     return array
 
 
-def unconvert(state: dict[str, np.ndarray], table: tuple[Rule, ...], arch: Architecture, *, head: bool = True) -> dict:
+def unconvert(state: dict[str, np.ndarray], table: tuple[Rule, ...], arch: Architecture) -> dict[str, np.ndarray]:
     """
     The key table read backwards: hf_vit's tensors `state` -> the checkpoint's arrays, by checkpoint key, in the
     table's order. Each rule's checkpoint shape comes from `arch` (as `plan_conversion` checks it), its transform's
-    `inverse` gives the array; every tensor of `state` must be claimed by a rule. `head=False`: a feature extractor.
+    `inverse` gives the array; every tensor of `state` must be claimed by a rule.
     """
     symbols = _symbols(arch)
     context = Context(arch.grid, arch.grid, arch.num_prefix_tokens)
     arrays, consumed = {}, set()
     for rule in table:
-        if (rule.when == "token" and arch.classifier != "token") or (rule.role == "head" and not head):
+        if rule.when == "token" and arch.classifier != "token":
             continue
         if rule.when == "pre_logits" and not arch.representation_size:
             continue
@@ -321,12 +321,12 @@ __all__ = [
     "Plan",
     "Rule",
     "plan_conversion",
+    "posemb_after_cls",
     "posemb_before_cls",
     "produce",
-    "unconvert",
-    "unresampled",
-    "posemb_after_cls",
     "rename_for_transformers_vit",
     "rename_for_transformers_vit_model",
     "resample_position_embeddings",
+    "unconvert",
+    "unresampled",
 ]
