@@ -209,6 +209,20 @@ def _symbols(arch: Architecture) -> dict[str, int | None]:
     }
 
 
+def expand(table: tuple[Rule, ...], arch: Architecture):
+    """Each rule that applies to `arch`, once per block: (rule, checkpoint key, hf_vit key, checkpoint shape), the
+    shape with None where the tensors do not determine a size (a seed checkpoint's heads)."""
+    symbols = _symbols(arch)
+    for rule in table:
+        if rule.when == "token" and arch.classifier != "token":
+            continue
+        if rule.when == "pre_logits" and not arch.representation_size:
+            continue
+        for i in range(arch.num_layers) if "{i}" in rule.source else (None,):
+            shape = tuple(int(s) if s.isdigit() else symbols[s] for s in rule.shape.split())
+            yield rule, rule.source.format(i=i), rule.target.format(i=i), shape
+
+
 def plan_conversion(
     checkpoint,
     table: tuple[Rule, ...],
@@ -225,36 +239,28 @@ def plan_conversion(
     fine-tunes); 0 writes none (a feature extractor). `keep_pre_logits=False` drops pre_logits (as vit_jax
     fine-tuning does).
     """
-    symbols = _symbols(arch)
     context = Context(arch.grid, target_grid, arch.num_prefix_tokens)
     head_in = arch.representation_size if arch.representation_size and keep_pre_logits else arch.hidden_size
     entries, dropped, consumed = [], [], set()
-    for rule in table:
-        if rule.when == "token" and arch.classifier != "token":
+    for rule, source, target, expected in expand(table, arch):
+        if source not in checkpoint.keys():
+            raise ConversionError(
+                f"{checkpoint.path}: missing key {source!r} (expected for {arch.describe()}): the checkpoint is "
+                "incomplete."
+            )
+        found = checkpoint.shape(source)
+        if None not in expected and found != expected:
+            symbolic = "" if rule.shape.replace(" ", "").isdigit() else f" = ({rule.shape.replace(' ', ', ')})"
+            raise ConversionError(
+                f"{checkpoint.path}: {source!r} has shape {format_shape(found)}, expected "
+                f"{format_shape(expected)}{symbolic} for the architecture the other tensors give "
+                f"({arch.describe()}): the checkpoint is inconsistent."
+            )
+        consumed.add(source)
+        if (rule.role == "pre_logits" and not keep_pre_logits) or (rule.role == "head" and new_head is not None):
+            dropped.append(source)
             continue
-        if rule.when == "pre_logits" and not arch.representation_size:
-            continue
-        for i in range(arch.num_layers) if "{i}" in rule.source else (None,):
-            source, target = rule.source.format(i=i), rule.target.format(i=i)
-            if source not in checkpoint.keys():
-                raise ConversionError(
-                    f"{checkpoint.path}: missing key {source!r} (expected for {arch.describe()}): the checkpoint is "
-                    "incomplete."
-                )
-            expected = tuple(int(s) if s.isdigit() else symbols[s] for s in rule.shape.split())
-            found = checkpoint.shape(source)
-            if None not in expected and found != expected:
-                symbolic = "" if rule.shape.replace(" ", "").isdigit() else f" = ({rule.shape.replace(' ', ', ')})"
-                raise ConversionError(
-                    f"{checkpoint.path}: {source!r} has shape {format_shape(found)}, expected "
-                    f"{format_shape(expected)}{symbolic} for the architecture the other tensors give "
-                    f"({arch.describe()}): the checkpoint is inconsistent."
-                )
-            consumed.add(source)
-            if (rule.role == "pre_logits" and not keep_pre_logits) or (rule.role == "head" and new_head is not None):
-                dropped.append(source)
-                continue
-            entries.append(Entry(target, TRANSFORMS[rule.transform].shape(found, context), source, rule.transform))
+        entries.append(Entry(target, TRANSFORMS[rule.transform].shape(found, context), source, rule.transform))
     leftovers = [k for k in checkpoint.keys() if k not in consumed]
     if leftovers:
         shown = ", ".join(repr(k) for k in leftovers[:5]) + (
@@ -286,24 +292,16 @@ def unconvert(state: dict[str, np.ndarray], table: tuple[Rule, ...], arch: Archi
     table's order. Each rule's checkpoint shape comes from `arch` (as `plan_conversion` checks it), its transform's
     `inverse` gives the array; every tensor of `state` must be claimed by a rule.
     """
-    symbols = _symbols(arch)
     context = Context(arch.grid, arch.grid, arch.num_prefix_tokens)
     arrays, consumed = {}, set()
-    for rule in table:
-        if rule.when == "token" and arch.classifier != "token":
-            continue
-        if rule.when == "pre_logits" and not arch.representation_size:
-            continue
-        for i in range(arch.num_layers) if "{i}" in rule.source else (None,):
-            source, target = rule.source.format(i=i), rule.target.format(i=i)
-            shape = tuple(int(s) if s.isdigit() else symbols[s] for s in rule.shape.split())
-            if target not in state:
-                raise ConversionError(f"the model has no tensor {target!r}, which {source!r} is written from.")
-            array = TRANSFORMS[rule.transform].inverse(state[target], shape, context)
-            if array.shape != shape:  # the inverse and the table's shape must agree
-                raise AssertionError(f"{source}: inverse of {rule.transform} gave {array.shape}, expected {shape}")
-            arrays[source] = np.ascontiguousarray(array)
-            consumed.add(target)
+    for rule, source, target, shape in expand(table, arch):
+        if target not in state:
+            raise ConversionError(f"the model has no tensor {target!r}, which {source!r} is written from.")
+        array = TRANSFORMS[rule.transform].inverse(state[target], shape, context)
+        if array.shape != shape:  # the inverse and the table's shape must agree
+            raise AssertionError(f"{source}: inverse of {rule.transform} gave {array.shape}, expected {shape}")
+        arrays[source] = np.ascontiguousarray(array)
+        consumed.add(target)
     leftovers = sorted(set(state) - consumed)
     if leftovers:
         raise ConversionError(
@@ -320,6 +318,7 @@ __all__ = [
     "Entry",
     "Plan",
     "Rule",
+    "expand",
     "plan_conversion",
     "posemb_after_cls",
     "posemb_before_cls",
