@@ -5,7 +5,8 @@ normalised once, here, so that every family's key table sees the plain parameter
 - the prefixes of other tools are dropped (`opt/target/` of some old vit_jax files, big_vision's `params/`);
 - a scanned encoder (big_vision `Transformer/encoderblock/...`, one array with a leading depth axis) is presented as
   the per-layer keys `Transformer/encoderblock_{i}/...` of an unscanned one.
-A seed `*_checkpoint.bin` (`torch.save(model.state_dict())`) is read with `torch.load(weights_only=True)`.
+A seed `*_checkpoint.bin` (`torch.save(model.state_dict())`) is read with `torch.load(weights_only=True)`, a vit_jax
+training checkpoint (flax msgpack) by `conversion.flax_checkpoint`.
 """
 
 import math
@@ -99,8 +100,8 @@ class Checkpoint:
             )
         if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
             raise ConversionError(
-                f"{path} is not an .npz (zip) archive (it starts with {magic[:4]!r}): pass a vit_jax .npz or a "
-                "seed *_checkpoint.bin."
+                f"{path} is not an .npz (zip) archive (it starts with {magic[:4]!r}): pass a vit_jax .npz, a vit_jax "
+                "training checkpoint_N (flax msgpack) or a seed *_checkpoint.bin."
             )
         try:
             # allow_pickle=False: an .npz from the internet must never execute code when it is read.
@@ -242,9 +243,19 @@ def checked_float32(array: np.ndarray, key: str, path: Path) -> np.ndarray:
     return array
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint | SeedCheckpoint:
-    """An `.npz` (by its zip content) or a seed `.bin`/`.pt`/`.pth` (by its name)."""
+def open_checkpoint(path: str | Path):
+    """A vit_jax training checkpoint (by its msgpack content, whatever its name), a seed `.bin`/`.pt`/`.pth` (by its
+    name: a torch.save file is a zip too), else an `.npz` (checked by its zip content)."""
+    from .flax_checkpoint import FlaxCheckpoint, is_msgpack_map
+
     path = Path(path)
+    try:
+        with open(path, "rb") as file:
+            head = file.read(1)
+    except OSError as error:
+        raise ConversionError(f"Cannot read {path}: {error.strerror or error}.") from None
+    if is_msgpack_map(head):
+        return FlaxCheckpoint(path)
     return SeedCheckpoint(path) if path.suffix in (".bin", ".pt", ".pth") else Checkpoint(path)
 
 

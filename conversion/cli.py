@@ -1,4 +1,5 @@
-"""`hf-vit-convert SOURCE OUTPUT_DIR [options]` (also `python -m conversion`): a thin layer over `convert()`."""
+"""The command lines, thin layers over the API: `hf-vit-convert SOURCE OUTPUT_DIR [options]` (also
+`python -m conversion`) over `convert()`, `hf-vit-export MODEL_DIR OUTPUT.npz [options]` over `export_npz()`."""
 
 import argparse
 import sys
@@ -10,7 +11,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line too, like every other bad input."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see hf-vit-convert --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(call) -> int:
+    """Bad input is one line on stderr and exit 2, an interrupt exit 130; nothing was written either way."""
+    try:
+        call()
+    except ConversionError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message held
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .converter import convert
@@ -80,15 +94,38 @@ def main(argv: list[str] | None = None) -> int:
 
     options = {k: v for k, v in vars(args).items() if k not in ("source", "output_dir", "quiet")}
     options.update(image_size=one(args.image_size), source_image_size=one(args.source_image_size))
-    try:
-        convert(args.source, args.output_dir, **options, progress=not args.quiet, log=None if args.quiet else print)
-    except ConversionError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message held
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written.", file=sys.stderr)
-        return 130
-    return 0
+    log = None if args.quiet else print
+    return _run(lambda: convert(args.source, args.output_dir, **options, progress=not args.quiet, log=log))
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="hf-vit-export",
+        description="Write an hf_vit model folder as an original .npz (vit_jax or big_vision layout), verified first: "
+        "the NumPy reference of the Flax model run on the written arrays must give the model's logits in float64.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="an hf_vit folder (hf-vit-convert, fine-tuning, ...)")
+    parser.add_argument("output", metavar="OUTPUT.npz", help="the file to write (its folder must exist)")
+    parser.add_argument(
+        "--layout",
+        default="vit_jax",
+        choices=("vit_jax", "big_vision"),
+        help="vit_jax: what vit_jax.checkpoint.load reads (the default; hybrids only in this one); big_vision: "
+        "params/ prefix, Linen names, pos_embedding without the class token's row",
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--verify-images", type=int, default=2, help="random inputs used by verification")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT.npz")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = build_export_parser().parse_args(argv)
+    from .export import export_npz
+
+    options = dict(layout=args.layout, dtype=args.dtype, overwrite=args.overwrite, verify_images=args.verify_images)
+    return _run(lambda: export_npz(args.model_dir, args.output, **options, log=None if args.quiet else print))
 
 
 if __name__ == "__main__":

@@ -87,8 +87,9 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options)
     Convert an original ViT checkpoint into a folder that `from_pretrained` loads, with the original's logits.
 
     Args:
-        source: a vit_jax or big_vision `.npz`, a seed repo `*_checkpoint.bin` (needs `variant` or `num_heads`), or an
-            official name (`"ViT-B_16"`, `"R50+ViT-B_16"`, `"imagenet21k+imagenet2012/ViT-B_16-224"`, an augreg file
+        source: a vit_jax or big_vision `.npz`, a vit_jax training checkpoint (`checkpoint_N`, flax msgpack: its
+            params; the step goes into the model card), a seed repo `*_checkpoint.bin` (needs `variant` or
+            `num_heads`), or an official name (`"ViT-B_16"`, `"R50+ViT-B_16"`, `"imagenet21k+imagenet2012/ViT-B_16-224"`, an augreg file
             name) to download. R+ViT hybrids (`.npz` or seed `.bin`) are detected from their ResNet tensors.
         output_dir: the folder to create; it must not exist or be empty, unless `overwrite`.
         variant: e.g. `"ViT-B_16"`; cross-checks the detected architecture (required for a `.bin`: it has no heads).
@@ -157,6 +158,7 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, **options)
                 verification = verify(temporary, family, checkpoint, arch, target, options, say)
             sha256 = resolved.sha256 or file_sha256(resolved.path)
             card = card_info(resolved, family, arch, target, options, sha256, num_parameters, verification, output_dir)
+            card.training_step = getattr(checkpoint, "step", None)  # where a vit_jax training checkpoint says it
             (temporary / "README.md").write_text(render_model_card(card), encoding="utf-8")
             if options.onnx or options.onnx_quantize:
                 export_onnx_files(temporary, options.onnx_quantize, say)

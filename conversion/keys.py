@@ -104,31 +104,69 @@ def posemb_before_cls(array: np.ndarray, context: Context) -> np.ndarray:
     return resample_position_embeddings(np.concatenate([zeros, array], axis=1), context)
 
 
+def unresampled(array: np.ndarray, shape: tuple[int, ...], context: Context) -> np.ndarray:
+    """The inverse of `posemb` where it is one: an export writes the grid the model has, so nothing was resampled."""
+    if context.source_grid != context.target_grid:
+        raise ValueError(
+            f"resampled position embeddings have no inverse ({context.source_grid} -> {context.target_grid})"
+        )
+    return array
+
+
+def posemb_after_cls(array: np.ndarray, shape: tuple[int, ...], context: Context) -> np.ndarray:
+    """
+    The inverse of `posemb_before_cls`: the patch rows. The class token's rows must be zero (an export to big_vision
+    first adds them to the class token, `conversion.export.fold_class_position`), so that nothing is dropped.
+    """
+    prefix = array[:, : context.num_prefix_tokens]
+    if prefix.any():
+        raise ValueError("the class token's position-embedding row is not zero: fold it into the class token first")
+    return unresampled(array[:, context.num_prefix_tokens :], shape, context)
+
+
 @dataclass(frozen=True)
 class Transform:
+    """
+    A named transform of a key table: `array` and `shape` read the checkpoint (checkpoint layout -> hf_vit), and
+    `inverse(hf_vit array, checkpoint shape, context)` writes one (`conversion.export`): the same table, read backwards.
+    """
+
     array: Callable[[np.ndarray, Context], np.ndarray]
     shape: Callable[[tuple[int, ...], Context], tuple[int, ...]]
+    inverse: Callable[[np.ndarray, tuple[int, ...], Context], np.ndarray]
 
 
 def _posemb_shape(shape, context):
     return (shape[0], context.num_prefix_tokens + context.target_grid[0] * context.target_grid[1], shape[2])
 
 
+def _reshape(array, shape, context):
+    return array.reshape(shape)
+
+
 TRANSFORMS: dict[str, Transform] = {
-    "identity": Transform(lambda a, c: a, lambda s, c: s),
-    # Conv kernels: Flax HWIO (Ph, Pw, C, D) -> PyTorch OIHW (D, C, Ph, Pw).
-    "conv_hwio_to_oihw": Transform(lambda a, c: a.transpose(3, 2, 0, 1), lambda s, c: (s[3], s[2], s[0], s[1])),
+    "identity": Transform(lambda a, c: a, lambda s, c: s, lambda a, s, c: a),
+    # Conv kernels: Flax HWIO (Ph, Pw, C, D) -> PyTorch OIHW (D, C, Ph, Pw); back: (2, 3, 1, 0).
+    "conv_hwio_to_oihw": Transform(
+        lambda a, c: a.transpose(3, 2, 0, 1),
+        lambda s, c: (s[3], s[2], s[0], s[1]),
+        lambda a, s, c: a.transpose(2, 3, 1, 0),
+    ),
     # Flax Dense kernels are (in, out); nn.Linear weights are (out, in).
-    "dense": Transform(lambda a, c: a.T, lambda s, c: (s[1], s[0])),
+    "dense": Transform(lambda a, c: a.T, lambda s, c: (s[1], s[0]), lambda a, s, c: a.T),
     # Attention input projections (D, H, d) -> (H * d, D): heads concatenated along the output features.
-    "heads_in": Transform(lambda a, c: a.reshape(a.shape[0], -1).T, lambda s, c: (s[1] * s[2], s[0])),
+    "heads_in": Transform(
+        lambda a, c: a.reshape(a.shape[0], -1).T, lambda s, c: (s[1] * s[2], s[0]), lambda a, s, c: a.T.reshape(s)
+    ),
     # Attention output projection (H, d, D) -> (D, H * d).
-    "heads_out": Transform(lambda a, c: a.reshape(-1, a.shape[-1]).T, lambda s, c: (s[2], s[0] * s[1])),
-    "heads_bias": Transform(lambda a, c: a.reshape(-1), lambda s, c: (s[0] * s[1],)),
+    "heads_out": Transform(
+        lambda a, c: a.reshape(-1, a.shape[-1]).T, lambda s, c: (s[2], s[0] * s[1]), lambda a, s, c: a.T.reshape(s)
+    ),
+    "heads_bias": Transform(lambda a, c: a.reshape(-1), lambda s, c: (s[0] * s[1],), _reshape),
     # (C,) or (1, 1, 1, C) -> (C,), e.g. the GroupNorms of the 2020 hybrid files.
-    "flatten": Transform(lambda a, c: a.reshape(-1), lambda s, c: (math.prod(s),)),
-    "posemb": Transform(resample_position_embeddings, _posemb_shape),
-    "posemb_before_cls": Transform(posemb_before_cls, _posemb_shape),
+    "flatten": Transform(lambda a, c: a.reshape(-1), lambda s, c: (math.prod(s),), _reshape),
+    "posemb": Transform(resample_position_embeddings, _posemb_shape, unresampled),
+    "posemb_before_cls": Transform(posemb_before_cls, _posemb_shape, posemb_after_cls),
 }
 
 
@@ -171,6 +209,20 @@ def _symbols(arch: Architecture) -> dict[str, int | None]:
     }
 
 
+def expand(table: tuple[Rule, ...], arch: Architecture):
+    """Each rule that applies to `arch`, once per block: (rule, checkpoint key, hf_vit key, checkpoint shape), the
+    shape with None where the tensors do not determine a size (a seed checkpoint's heads)."""
+    symbols = _symbols(arch)
+    for rule in table:
+        if rule.when == "token" and arch.classifier != "token":
+            continue
+        if rule.when == "pre_logits" and not arch.representation_size:
+            continue
+        for i in range(arch.num_layers) if "{i}" in rule.source else (None,):
+            shape = tuple(int(s) if s.isdigit() else symbols[s] for s in rule.shape.split())
+            yield rule, rule.source.format(i=i), rule.target.format(i=i), shape
+
+
 def plan_conversion(
     checkpoint,
     table: tuple[Rule, ...],
@@ -187,36 +239,28 @@ def plan_conversion(
     fine-tunes); 0 writes none (a feature extractor). `keep_pre_logits=False` drops pre_logits (as vit_jax
     fine-tuning does).
     """
-    symbols = _symbols(arch)
     context = Context(arch.grid, target_grid, arch.num_prefix_tokens)
     head_in = arch.representation_size if arch.representation_size and keep_pre_logits else arch.hidden_size
     entries, dropped, consumed = [], [], set()
-    for rule in table:
-        if rule.when == "token" and arch.classifier != "token":
+    for rule, source, target, expected in expand(table, arch):
+        if source not in checkpoint.keys():
+            raise ConversionError(
+                f"{checkpoint.path}: missing key {source!r} (expected for {arch.describe()}): the checkpoint is "
+                "incomplete."
+            )
+        found = checkpoint.shape(source)
+        if None not in expected and found != expected:
+            symbolic = "" if rule.shape.replace(" ", "").isdigit() else f" = ({rule.shape.replace(' ', ', ')})"
+            raise ConversionError(
+                f"{checkpoint.path}: {source!r} has shape {format_shape(found)}, expected "
+                f"{format_shape(expected)}{symbolic} for the architecture the other tensors give "
+                f"({arch.describe()}): the checkpoint is inconsistent."
+            )
+        consumed.add(source)
+        if (rule.role == "pre_logits" and not keep_pre_logits) or (rule.role == "head" and new_head is not None):
+            dropped.append(source)
             continue
-        if rule.when == "pre_logits" and not arch.representation_size:
-            continue
-        for i in range(arch.num_layers) if "{i}" in rule.source else (None,):
-            source, target = rule.source.format(i=i), rule.target.format(i=i)
-            if source not in checkpoint.keys():
-                raise ConversionError(
-                    f"{checkpoint.path}: missing key {source!r} (expected for {arch.describe()}): the checkpoint is "
-                    "incomplete."
-                )
-            expected = tuple(int(s) if s.isdigit() else symbols[s] for s in rule.shape.split())
-            found = checkpoint.shape(source)
-            if None not in expected and found != expected:
-                symbolic = "" if rule.shape.replace(" ", "").isdigit() else f" = ({rule.shape.replace(' ', ', ')})"
-                raise ConversionError(
-                    f"{checkpoint.path}: {source!r} has shape {format_shape(found)}, expected "
-                    f"{format_shape(expected)}{symbolic} for the architecture the other tensors give "
-                    f"({arch.describe()}): the checkpoint is inconsistent."
-                )
-            consumed.add(source)
-            if (rule.role == "pre_logits" and not keep_pre_logits) or (rule.role == "head" and new_head is not None):
-                dropped.append(source)
-                continue
-            entries.append(Entry(target, TRANSFORMS[rule.transform].shape(found, context), source, rule.transform))
+        entries.append(Entry(target, TRANSFORMS[rule.transform].shape(found, context), source, rule.transform))
     leftovers = [k for k in checkpoint.keys() if k not in consumed]
     if leftovers:
         shown = ", ".join(repr(k) for k in leftovers[:5]) + (
@@ -242,6 +286,31 @@ def produce(checkpoint, entry: Entry, context: Context) -> np.ndarray:
     return array
 
 
+def unconvert(state: dict[str, np.ndarray], table: tuple[Rule, ...], arch: Architecture) -> dict[str, np.ndarray]:
+    """
+    The key table read backwards: hf_vit's tensors `state` -> the checkpoint's arrays, by checkpoint key, in the
+    table's order. Each rule's checkpoint shape comes from `arch` (as `plan_conversion` checks it), its transform's
+    `inverse` gives the array; every tensor of `state` must be claimed by a rule.
+    """
+    context = Context(arch.grid, arch.grid, arch.num_prefix_tokens)
+    arrays, consumed = {}, set()
+    for rule, source, target, shape in expand(table, arch):
+        if target not in state:
+            raise ConversionError(f"the model has no tensor {target!r}, which {source!r} is written from.")
+        array = TRANSFORMS[rule.transform].inverse(state[target], shape, context)
+        if array.shape != shape:  # the inverse and the table's shape must agree
+            raise AssertionError(f"{source}: inverse of {rule.transform} gave {array.shape}, expected {shape}")
+        arrays[source] = np.ascontiguousarray(array)
+        consumed.add(target)
+    leftovers = sorted(set(state) - consumed)
+    if leftovers:
+        raise ConversionError(
+            f"{len(leftovers)} tensor(s) of the model that the layout has no key for: "
+            + ", ".join(repr(k) for k in leftovers[:5])
+        )
+    return arrays
+
+
 __all__ = [
     "TRANSFORMERS_VIT_KEYS",
     "TRANSFORMS",
@@ -249,10 +318,14 @@ __all__ = [
     "Entry",
     "Plan",
     "Rule",
+    "expand",
     "plan_conversion",
+    "posemb_after_cls",
     "posemb_before_cls",
     "produce",
     "rename_for_transformers_vit",
     "rename_for_transformers_vit_model",
     "resample_position_embeddings",
+    "unconvert",
+    "unresampled",
 ]

@@ -62,6 +62,7 @@ class CardInfo:
     augreg: dict | None = None
     verification: str | None = None  # one line, None with --no-verify
     seed_checkpoint: bool = False
+    training_step: int | None = None  # a vit_jax training checkpoint (flax msgpack): the step it was saved at
     repo_id: str = "path/to/folder"  # what the loading snippets load: the Hub repo, else the folder
 
 
@@ -87,6 +88,9 @@ def render_model_card(info: CardInfo) -> str:
     origin = (
         "a checkpoint fine-tuned with the seed repo (jeonsworld/ViT-pytorch), whose exact GELU it keeps"
         if info.seed_checkpoint
+        else f"a training checkpoint of vit_jax's train.py (flax msgpack, step {info.training_step}; its optimizer "
+        "state is not converted)"
+        if info.training_step is not None
         else "Google's original Flax checkpoint (google-research/vision_transformer)"
     )
     gelu = "exact (erf)" if info.hidden_act == "gelu" else "tanh approximation, as in the original Flax model"
@@ -99,6 +103,7 @@ def render_model_card(info: CardInfo) -> str:
         f"- Architecture: {info.architecture}",
         f"- Resolution: {resolution}; inputs are RGB scaled to [-1, 1] (mean = std = 0.5)",
         f"- Parameters: {info.num_parameters:,}",
+        *([f"- Training step: {info.training_step}"] if info.training_step is not None else []),
         "- Classifier: none: a feature extractor (see below)"
         if info.feature_extractor
         else f"- Classifier: {info.num_labels} classes"

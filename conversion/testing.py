@@ -1,4 +1,5 @@
-"""Random checkpoints in the exact layouts of Google's vit_jax `.npz` files and of the seed repo's `*_checkpoint.bin`.
+"""Random checkpoints in the exact layouts of Google's vit_jax `.npz` files, of vit_jax's training checkpoints (flax
+msgpack) and of the seed repo's `*_checkpoint.bin`.
 
 For tests, examples and benchmarks: no network, any size. The weights are random with realistic scales (fan-in
 normalised kernels, LayerNorm scales near 1) so that activations stay O(1) through the blocks and a parity test
@@ -198,22 +199,11 @@ def random_resnet_arrays(
     return arrays
 
 
-def write_random_hybrid_npz(
-    path: str | os.PathLike,
-    *,
-    resnet_num_layers=(3, 4, 9),
-    width: int = 64,
-    gn_shape: str = "1110",
-    image_size: int = 64,
-    patch_size: int = 1,
-    seed: int = 0,
-    **vit,
-) -> Path:
-    """
-    Write a random R+ViT hybrid in the exact layout of vit_jax's hybrid `.npz` files: the ResNet stem
-    (`random_resnet_arrays`), then a ViT (`random_vit_arrays`, tiny by default; `vit` overrides its sizes) whose
-    `embedding` takes the feature map (image_size / 16 for three stages) in `patch_size` patches.
-    """
+def random_hybrid_arrays(
+    *, resnet_num_layers=(3, 4, 9), width: int = 64, gn_shape: str = "1110", image_size: int = 64,
+    patch_size: int = 1, seed: int = 0, **vit,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """An R+ViT hybrid's parameters under the vit_jax `.npz` names (see `write_random_hybrid_npz`)."""
     stride = 4 * 2 ** max(len(resnet_num_layers) - 1, 0)
     if image_size % (stride * patch_size):
         raise ValueError(f"image_size {image_size} must be a multiple of {stride * patch_size} (stem x patch).")
@@ -223,16 +213,98 @@ def write_random_hybrid_npz(
     hidden = transformer["embedding/kernel"].shape[-1]
     kernel = np.random.default_rng(seed + 2).standard_normal((patch_size, patch_size, channels, hidden))
     transformer["embedding/kernel"] = (kernel / np.sqrt(patch_size * patch_size * channels)).astype(np.float32)
+    return {**arrays, **transformer}
+
+
+def write_random_hybrid_npz(path: str | os.PathLike, **architecture) -> Path:
+    """
+    Write a random R+ViT hybrid in the exact layout of vit_jax's hybrid `.npz` files: the ResNet stem
+    (`random_resnet_arrays`: `resnet_num_layers`, `width`, `gn_shape`), then a ViT (`random_vit_arrays`, tiny by
+    default; its keywords override its sizes) whose `embedding` takes the feature map (image_size / 16 for three
+    stages) in `patch_size` patches.
+    """
+    arrays = random_hybrid_arrays(**architecture)
     path = Path(path)
     with open(path, "wb") as file:
-        np.savez(file, **arrays, **transformer)
+        np.savez(file, **arrays)
+    return path
+
+
+# --- vit_jax training checkpoints (flax msgpack) --------------------------------------------------------------------
+
+
+class BFloat16:
+    """An array to write as bfloat16 (NumPy has none): its float32 values' upper 16 bits, truncated."""
+
+    def __init__(self, array: np.ndarray):
+        self.shape = np.shape(array)
+        self.bits = (np.ascontiguousarray(array, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def flax_msgpack_bytes(tree) -> bytes:
+    """
+    What `flax.serialization.msgpack_serialize` writes for a state dict `tree` (nested dicts, arrays, ints), from
+    flax/serialization.py: arrays as msgpack extension type 1 with the payload `packb((shape, dtype name, C-order
+    bytes))`, NumPy scalars as type 3 with the same payload, `strict_types=True`.
+    """
+    import msgpack
+
+    def payload(shape, name, data):
+        return msgpack.packb((shape, name, data), use_bin_type=True)
+
+    def extension(value):
+        if isinstance(value, BFloat16):
+            return msgpack.ExtType(1, payload(value.shape, "bfloat16", value.bits.tobytes("C")))
+        if isinstance(value, np.ndarray):
+            return msgpack.ExtType(1, payload(value.shape, value.dtype.name, value.tobytes("C")))
+        if isinstance(value, np.generic):
+            return msgpack.ExtType(3, payload((), value.dtype.name, np.asarray(value).tobytes("C")))
+        raise TypeError(f"flax serialises no {type(value).__name__}")
+
+    return msgpack.packb(tree, default=extension, strict_types=True)
+
+
+def linen_params(arrays: dict[str, np.ndarray]) -> dict:
+    """vit_jax `.npz` arrays as the nested params tree of the Linen model (models_vit.py) that train.py saves."""
+    from .families.big_vision import linen_name
+
+    tree: dict = {}
+    for key, value in arrays.items():
+        *path, leaf = linen_name(key).split("/")
+        node = tree
+        for name in path:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    tree.setdefault("pre_logits", {})  # models_vit's IdentityLayer(name="pre_logits"): a subtree without arrays
+    return tree
+
+
+def write_random_flax_checkpoint(workdir: str | os.PathLike, step: int = 500, *, hybrid: bool = False, **arch) -> Path:
+    """
+    Write `workdir/checkpoint_{step}` as vit_jax's train.py does, `flax.training.checkpoints.save_checkpoint(workdir,
+    (params, opt_state, step), step)`, byte for byte in flax's msgpack format, with random params
+    (`random_vit_arrays(**arch)`, or `random_hybrid_arrays(**arch)` with Linen's (C,) GroupNorms) and the state of
+    train.py's optimizer, `optax.chain(clip_by_global_norm, sgd(momentum, accumulator_dtype="bfloat16"))`:
+    (EmptyState(), (TraceState(trace), ScaleByScheduleState(count))), namedtuples and tuples as flax maps them.
+    """
+    arrays = random_hybrid_arrays(gn_shape="C", **arch) if hybrid else random_vit_arrays(**arch)
+    params = linen_params(arrays)
+    trace = linen_params({key: BFloat16(0.01 * value) for key, value in arrays.items()})
+    opt_state = {"0": {}, "1": {"0": {"trace": trace}, "1": {"count": np.asarray(step, np.int32)}}}
+    path = Path(workdir) / f"checkpoint_{step}"
+    path.write_bytes(flax_msgpack_bytes({"0": params, "1": opt_state, "2": step}))
     return path
 
 
 __all__ = [
+    "BFloat16",
     "big_vision_arrays",
+    "flax_msgpack_bytes",
+    "linen_params",
+    "random_hybrid_arrays",
     "random_resnet_arrays",
     "random_vit_arrays",
+    "write_random_flax_checkpoint",
     "write_random_hybrid_npz",
     "write_random_npz",
     "write_random_seed_checkpoint",

@@ -18,7 +18,7 @@ from test_conversion_errors import assert_refused, save_npz
 import conversion.families
 from conversion import convert
 from conversion.families import vit_jax
-from conversion.keys import TRANSFORMS, Rule, Transform
+from conversion.keys import TRANSFORMS, Rule
 from conversion.testing import random_vit_arrays, write_random_hybrid_npz, write_random_npz
 from hf_vit.verification import (
     DRIFT_FACTOR,
@@ -38,7 +38,7 @@ def refused_difference(capsys, tmp_path, source, *extra) -> float:
 
 def wrong_transform(monkeypatch, name, array):
     """Replace the named transform's array function, keeping its shape function: the planner cannot notice."""
-    monkeypatch.setitem(TRANSFORMS, name, Transform(array, TRANSFORMS[name].shape))
+    monkeypatch.setitem(TRANSFORMS, name, dataclasses.replace(TRANSFORMS[name], array=array))
 
 
 def swap_layer_norms(monkeypatch):

@@ -11,12 +11,12 @@ import dataclasses
 import re
 
 from ..errors import ConversionError
+from ..flax_checkpoint import PRE_LINEN_BLOCK_NAMES
 from ..keys import Rule
 from . import Family, RenamedParams, vit_jax
 
 
-_LINEN = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1"}
-_LINEN["MlpBlock_3"] = "MlpBlock_0"
+_LINEN = {pre_linen: linen for linen, pre_linen in PRE_LINEN_BLOCK_NAMES.items()}  # as Linen numbers them
 
 
 def linen_name(vit_jax_key: str) -> str:

@@ -103,7 +103,7 @@ def _with_resnet(detect_plain, checkpoint, source_size, target_size, root: str, 
         )
     channels, width = hwio[2:]
     num_layers = _count(checkpoint, unit_pattern, "/" if flavour == "vit_jax" else ".")
-    stride = 4 * 2 ** max(len(num_layers) - 1, 0)  # root conv /2, max-pool /2, then /2 per stage after the first
+    stride, stem_channels = resnet_geometry(num_layers, width)
 
     def on_feature_map(size):
         return None if size is None else (max(size[0] // stride, 1), max(size[1] // stride, 1))
@@ -118,12 +118,22 @@ def _with_resnet(detect_plain, checkpoint, source_size, target_size, root: str, 
     return dataclasses.replace(
         arch,
         num_channels=channels,
-        stem_channels=4 * width * 2 ** (len(num_layers) - 1) if num_layers else width,  # the patch embedding's input
+        stem_channels=stem_channels,
         stem_stride=stride,
-        stem=f"hybrid: ResNet stem {list(num_layers)} width {width}"
-        + (" (seed numerics)" if flavour == "seed" else ""),
+        stem=stem_description(num_layers, width) + (" (seed numerics)" if flavour == "seed" else ""),
         extra_config=extra,
     )
+
+
+def resnet_geometry(num_layers, width: int) -> tuple[int, int]:
+    """(stride, channels) of the ResNet's feature map: root conv /2, max-pool /2, then /2 per stage after the first;
+    4x the widest stage's width (the root's width alone)."""
+    stride = 4 * 2 ** max(len(num_layers) - 1, 0)
+    return stride, 4 * width * 2 ** (len(num_layers) - 1) if num_layers else width
+
+
+def stem_description(num_layers, width: int) -> str:
+    return f"hybrid: ResNet stem {list(num_layers)} width {width}"
 
 
 # --- vit_jax hybrid .npz ------------------------------------------------------------------------------------------
@@ -139,12 +149,17 @@ def npz_detect(checkpoint, source_size=None, target_size=None) -> Architecture:
 def npz_stem_rules(checkpoint, arch: Architecture) -> tuple[Rule, ...]:
     """The ResNet's tensors; the GroupNorms in the file's form ((C,) or the 2020 files' (1, 1, 1, C), as gn_root)."""
     legacy = "gn_root/scale" in checkpoint.keys() and len(checkpoint.shape("gn_root/scale")) == 4
+    return stem_table(arch, legacy_group_norms=legacy)
+
+
+def stem_table(arch: Architecture, *, legacy_group_norms: bool) -> tuple[Rule, ...]:
+    """The ResNet's rules: HWIO kernels, GroupNorms (C,) or, with `legacy_group_norms`, (1, 1, 1, C)."""
     rules = []
     for npz, target, shape in resnet_tensors(*_resnet(arch), arch.num_channels):
         if len(shape) == 4:
             rules.append(Rule(npz, target, _shape_text(shape), "conv_hwio_to_oihw"))
         else:
-            rules.append(Rule(npz, target, _shape_text((1, 1, 1, *shape) if legacy else shape), "flatten"))
+            rules.append(Rule(npz, target, _shape_text((1, 1, 1, *shape) if legacy_group_norms else shape), "flatten"))
     return tuple(rules)
 
 
