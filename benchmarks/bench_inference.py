@@ -5,6 +5,7 @@ Contenders, for each dtype and batch size (weights cast with `.to(dtype)`, as `f
   transformers compile  torch.compile(model), default settings
   hf_vit eager          VisionTransformerForImageClassification, sdpa attention: the normal path
   hf_vit compile        torch.compile(model), default settings
+  hf_vit frozen         model.freeze_for_cpu_inference(): the same forward with oneDNN's pre-packed weights (CPU)
   onnxruntime fp32      hf_vit exported by `hf_vit.onnx_export` (onnx/model.onnx), ONNX Runtime's CPU provider
   onnxruntime int8      the same export quantized (onnx/model_quantized.onnx: int8 weights, dynamic quantization)
   openvino              the same onnx/model.onnx under OpenVINO's CPU plugin, in the row's precision
@@ -25,6 +26,7 @@ Usage:
 """
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -68,6 +70,10 @@ from common import (  # noqa: E402
 
 def contenders(models: dict[str, torch.nn.Module], compile_too: bool) -> dict[str, torch.nn.Module]:
     runs = {f"{THEIRS} eager": models[THEIRS].eval(), f"{OURS} eager": models[OURS].eval()}
+    try:  # a copy: the eager contender keeps its plain weights
+        runs[f"{OURS} frozen"] = copy.deepcopy(models[OURS]).freeze_for_cpu_inference()
+    except ValueError:  # on a GPU, or bf16 where oneDNN has no bf16 kernels
+        pass
     if compile_too:
         runs[f"{THEIRS} compile"] = torch.compile(models[THEIRS])
         runs[f"{OURS} compile"] = torch.compile(models[OURS])
@@ -276,7 +282,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def report(results: dict[str, object], compiled: bool) -> str:
-    extra = ORT if "onnxruntime int8 img/s" in results["rows"][0] else ()
+    timed = {key for row in results["rows"] for key in row}
+    extra = tuple(name for name in (f"{OURS} frozen", *ORT) if f"{name} img/s" in timed)
     extra += (OPENVINO,) if results["openvino"] else ()
     columns = [("dtype", "dtype", "{}"), ("batch", "batch", "{}")] + comparison_columns(compiled, extra)
     if results["openvino"]:
@@ -291,7 +298,7 @@ def report(results: dict[str, object], compiled: bool) -> str:
         f"load {meta['load_average_1min']:.1f}, torch {meta['torch']}, "
         f"transformers {meta['transformers']})",
         f"forward {results['forward_gflop']:.2f} GFLOP/image; matmul peak (the fastest GEMM) {peaks}; ratios are "
-        "paired medians (> 1: hf_vit faster); best = the faster of eager and compile for each.",
+        "paired medians (> 1: hf_vit faster); best = the fastest of each side's PyTorch runs (eager, compile, frozen).",
         "",
         format_table(results["rows"], columns),
     ]
