@@ -13,9 +13,10 @@ Contenders, for each dtype and batch size (weights cast with `.to(dtype)`, as `f
                         against hf_vit's eager ones of the row)
 The ONNX Runtime rows run in the fp32 pass (the export is float32), on CPU, with the hf_vit model's weights, and need
 the `onnx` extra; `--no-onnx` leaves them out. The OpenVINO rows need the `openvino` extra (they are left out, saying
-so, where it is not installed; `--no-openvino` leaves them out too); `--profile` prints OpenVINO's per-layer times. Percentages are of the roofline: the fastest GEMM torch offers in the
-dtype (ATen/MKL or oneDNN, plain or pre-packed weights; each is printed), times the model's analytic FLOPs; the int8
-row's is the int8 GEMM's (`torch._int_mm`), so no contender can pass 100 %. On CPU a second table says how much of each
+so, where it is not installed; `--no-openvino` leaves them out too); `--profile` prints OpenVINO's per-layer times.
+Percentages are of the roofline: the fastest GEMM torch offers in the dtype (ATen/MKL or oneDNN, plain or pre-packed
+weights; each is printed), times the model's analytic FLOPs; the int8 row's is the int8 GEMM's (`torch._int_mm`), so
+no contender can pass 100 %. On CPU a second table says how much of each
 eager forward is outside the GEMMs, and so how close to the roofline a faster GEMM alone could bring it.
 
 Usage:
@@ -68,10 +69,13 @@ from common import (  # noqa: E402
 )
 
 
-def contenders(models: dict[str, torch.nn.Module], compile_too: bool) -> dict[str, torch.nn.Module]:
+def contenders(
+    models: dict[str, torch.nn.Module], compile_too: bool, frozen_too: bool = True
+) -> dict[str, torch.nn.Module]:
     runs = {f"{THEIRS} eager": models[THEIRS].eval(), f"{OURS} eager": models[OURS].eval()}
     try:  # a copy: the eager contender keeps its plain weights
-        runs[f"{OURS} frozen"] = copy.deepcopy(models[OURS]).freeze_for_cpu_inference()
+        if frozen_too:
+            runs[f"{OURS} frozen"] = copy.deepcopy(models[OURS]).freeze_for_cpu_inference()
     except ValueError:  # on a GPU, or bf16 where oneDNN has no bf16 kernels
         pass
     if compile_too:
@@ -159,7 +163,7 @@ def onnx_sessions(workdir: str, threads: int) -> dict[str, object]:
 
 
 def openvino_logit_difference(models: dict[str, torch.nn.Module], compiled, pixel_values: torch.Tensor) -> float:
-    """Largest |logit difference| between OpenVINO and hf_vit's eager forward in the row's dtype, on the row's batch."""
+    """Largest |logit difference| between OpenVINO and hf_vit's eager forward in the row's dtype, on its batch."""
     with torch.inference_mode():
         reference = models[OURS](pixel_values).logits.float().numpy()
     return float(abs(compiled(pixel_values.float().numpy())[0] - reference).max())
@@ -175,7 +179,8 @@ def make_step(spec: dict[str, object]):
     config = our_config(tiny=spec["tiny"])
     dtype, device = DTYPES[spec["dtype"]], spec.get("device", "cpu")
     models = build_models(config, dtype, device=device)
-    model = contenders(models, compile_too=spec["run"].endswith("compile"))[spec["run"]]
+    run = spec["run"]
+    model = contenders(models, compile_too=run.endswith("compile"), frozen_too=run.endswith("frozen"))[run]
     pixel_values = torch.randn(spec["batch"], 3, config.image_size, config.image_size, dtype=dtype, device=device)
 
     def step():
@@ -298,7 +303,8 @@ def report(results: dict[str, object], compiled: bool) -> str:
         f"load {meta['load_average_1min']:.1f}, torch {meta['torch']}, "
         f"transformers {meta['transformers']})",
         f"forward {results['forward_gflop']:.2f} GFLOP/image; matmul peak (the fastest GEMM) {peaks}; ratios are "
-        "paired medians (> 1: hf_vit faster); best = the fastest of each side's PyTorch runs (eager, compile, frozen).",
+        "paired medians (> 1: hf_vit faster); best = the fastest of each side's PyTorch runs (eager, compile, "
+        "frozen).",
         "",
         format_table(results["rows"], columns),
     ]
@@ -325,8 +331,8 @@ def report(results: dict[str, object], compiled: bool) -> str:
         lines += [
             "",
             f"OpenVINO {check['openvino']} reads the same onnx/model.onnx: its f32 rows run as "
-            f"{check['openvino_f32_ran_as']}, its bf16 rows as {check['openvino_bf16_ran_as']} (a CPU without BF16 runs "
-            f"the bf16 hint in f32); the export's check: f32 max abs logit diff to PyTorch fp32 "
+            f"{check['openvino_f32_ran_as']}, its bf16 rows as {check['openvino_bf16_ran_as']} (a CPU without BF16 "
+            f"runs the bf16 hint in f32); the export's check: f32 max abs logit diff to PyTorch fp32 "
             f"{check['openvino_f32_max_abs_diff']:.1e}, bf16 {check['openvino_bf16_max_abs_diff']:.1e}. The openvino "
             "logit diff column is to hf_vit's eager forward in the row's dtype.",
         ]

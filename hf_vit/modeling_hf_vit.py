@@ -125,8 +125,8 @@ class FrozenLinear(nn.Module):
     def forward(self, hidden_states: torch.Tensor, post_op: tuple[str, str] | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() or hidden_states.dtype != self.packed_weight.dtype or hidden_states.is_cuda:
             raise RuntimeError(
-                f"This model was frozen for CPU inference ({self.packed_weight.dtype} weights, no gradients) and got a "
-                f"{hidden_states.dtype} input on {hidden_states.device} with gradients "
+                f"This model was frozen for CPU inference ({self.packed_weight.dtype} weights, no gradients) and got "
+                f"a {hidden_states.dtype} input on {hidden_states.device} with gradients "
                 f"{'on' if torch.is_grad_enabled() else 'off'}: run it under torch.inference_mode() in its dtype, or "
                 "load the model again to train it."
             )
@@ -388,10 +388,10 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
         Pre-pack every `nn.Linear` weight for oneDNN, in place, for CPU inference: the same logits, faster.
 
         The plain forward already runs each Linear as one oneDNN call, but oneDNN then reorders the weight into its
-        blocked layout on every call; a frozen model keeps only the reordered copy (about the same memory, no second copy
-        to go stale). Measured on a Zen 4 (AVX512-BF16, no AMX): ViT-B/16 6-10 % faster per Linear in bf16, 3-5 % in
-        fp32 (benchmarks/RESULTS.md); +15 % at bf16 batch 1 on an AMX Xeon. It serves every CPU oneDNN runs the dtype
-        on: fp32 anywhere (AVX2, AVX-512, AMX), bf16 with AVX512-BF16 or AMX.
+        blocked layout on every call; a frozen model keeps only the reordered copy (about the same memory, no second
+        copy to go stale). Measured on a Zen 4 (AVX512-BF16, no AMX): ViT-B/16's linears 6-10 % faster in bf16, 3-5 %
+        in fp32, as fast as OpenVINO's (benchmarks/RESULTS.md); +15 % at bf16 batch 1 on an AMX Xeon. It serves every
+        CPU oneDNN runs the dtype on: fp32 anywhere (AVX2, AVX-512, AMX), bf16 with AVX512-BF16 or AMX.
 
         Afterwards the model is inference only: a forward with gradients, in another dtype or on a GPU raises;
         `state_dict()` and `save_pretrained` still give the plain weights; loading weights into it is refused (load
@@ -412,9 +412,11 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
         """
         dtype, device = self.dtype, self.device
         if _ONEDNN_LINEAR is None or device.type != "cpu" or dtype not in _ONEDNN_DTYPES:
+            dtypes = " or ".join(map(str, _ONEDNN_DTYPES))
+            no_onednn = "" if _ONEDNN_LINEAR else " and torch has no oneDNN"
             raise ValueError(
-                f"freeze_for_cpu_inference packs weights for oneDNN on CPU, in {' or '.join(map(str, _ONEDNN_DTYPES))} "
-                f"on this machine; the model is {dtype} on {device}{'' if _ONEDNN_LINEAR else ' and torch has no oneDNN'}."
+                f"freeze_for_cpu_inference packs weights for oneDNN on CPU, in {dtypes} on this machine; the model is "
+                f"{dtype} on {device}{no_onednn}."
             )
         for module in list(self.modules()):
             for name, child in module.named_children():

@@ -386,7 +386,10 @@ def openvino_card_lines(result: dict[str, object]) -> list[str]:
             f"**{round(result['openvino_bf16_top1_agreement'] * result['num_images'])}/{result['num_images']}**."
         )
     else:
-        checked = "OpenVINO was not installed at export, so the file was not checked under it (`pip install 'hf_vit[openvino]'`)."
+        checked = (
+            "OpenVINO was not installed at export, so the file was not checked under it (`pip install "
+            "'hf_vit[openvino]'`)."
+        )
     height, width = result["image_size"]
     return [
         "",
