@@ -91,15 +91,54 @@ def _onednn_serves(layer: nn.Linear, hidden_states: torch.Tensor) -> bool:
     )
 
 
-def linear(layer: nn.Linear, hidden_states: torch.Tensor, act_fn=None, post_op=None) -> torch.Tensor:
-    """`act_fn(layer(hidden_states))`: one oneDNN call where `_onednn_serves`, with `act_fn` as its `post_op` if fast."""
-    if _onednn_serves(layer, hidden_states):
-        if post_op is not None and _ONEDNN_FUSES_ACTIVATION:
-            return _ONEDNN_LINEAR(hidden_states, layer.weight, layer.bias, post_op[0], [], post_op[1])
-        hidden_states = _ONEDNN_LINEAR(hidden_states, layer.weight, layer.bias, "none", [], "")
+def linear(layer: nn.Module, hidden_states: torch.Tensor, act_fn=None, post_op=None) -> torch.Tensor:
+    """`act_fn(layer(hidden_states))`: one oneDNN call where `_onednn_serves` (or the layer is a `FrozenLinear`), with
+    `act_fn` as its `post_op` where that is fast."""
+    fuse = post_op is not None and _ONEDNN_FUSES_ACTIVATION
+    if type(layer) is FrozenLinear:
+        hidden_states = layer(hidden_states, post_op if fuse else None)
+    elif _onednn_serves(layer, hidden_states):
+        attr, algorithm = post_op if fuse else ("none", "")
+        hidden_states = _ONEDNN_LINEAR(hidden_states, layer.weight, layer.bias, attr, [], algorithm)
     else:
+        fuse = False
         hidden_states = layer(hidden_states)
-    return hidden_states if act_fn is None else act_fn(hidden_states)
+    return hidden_states if act_fn is None or fuse else act_fn(hidden_states)
+
+
+class FrozenLinear(nn.Module):
+    """
+    An inference-only `nn.Linear` whose weight exists only as oneDNN's pre-packed copy (`freeze_for_cpu_inference`).
+
+    Pre-packing saves the reorder oneDNN otherwise does on every call. The packed tensor is the only copy of the
+    weight, so nothing can change one without the other (a cache beside `nn.Linear.weight` would go stale after a
+    `weight.data.copy_()`, which no version counter sees). `state_dict()` gives the plain weight back, exactly.
+    """
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        weight = layer.weight.detach()
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, None), persistent=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor, post_op: tuple[str, str] | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() or hidden_states.dtype != self.packed_weight.dtype or hidden_states.is_cuda:
+            raise RuntimeError(
+                f"This model was frozen for CPU inference ({self.packed_weight.dtype} weights, no gradients) and got "
+                f"a {hidden_states.dtype} input on {hidden_states.device} with gradients "
+                f"{'on' if torch.is_grad_enabled() else 'off'}: run it under torch.inference_mode() in its dtype, or "
+                "load the model again to train it."
+            )
+        attr, algorithm = post_op or ("none", "")
+        return _ONEDNN_LINEAR(hidden_states, self.packed_weight, self.bias, attr, [], algorithm)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.packed_weight.to_dense()  # the nn.Linear key, so checkpoints load
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Embeddings(nn.Module):
@@ -344,6 +383,48 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
                 if isinstance(unit, PreActBottleneck):
                     init.zeros_(unit.gn3.weight)
 
+    def freeze_for_cpu_inference(self) -> "VisionTransformerPreTrainedModel":
+        r"""
+        Pre-pack every `nn.Linear` weight for oneDNN, in place, for CPU inference: the same logits, faster.
+
+        The plain forward already runs each Linear as one oneDNN call, but oneDNN then reorders the weight into its
+        blocked layout on every call; a frozen model keeps only the reordered copy (about the same memory, no second
+        copy to go stale). Measured on a Zen 4 (AVX512-BF16, no AMX): ViT-B/16's linears 6-10 % faster in bf16, 3-5 %
+        in fp32, as fast as OpenVINO's (benchmarks/RESULTS.md); +15 % at bf16 batch 1 on an AMX Xeon. It serves every
+        CPU oneDNN runs the dtype on: fp32 anywhere (AVX2, AVX-512, AMX), bf16 with AVX512-BF16 or AMX.
+
+        Afterwards the model is inference only: a forward with gradients, in another dtype or on a GPU raises;
+        `state_dict()` and `save_pretrained` still give the plain weights; loading weights into it is refused (load
+        them into a fresh model and freeze that). Call it after `.to(dtype)` and `.eval()`.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from hf_vit import VisionTransformerConfig, VisionTransformerForImageClassification
+        >>> config = VisionTransformerConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+        ...                                  num_attention_heads=4, intermediate_size=37, num_labels=10)
+        >>> model = VisionTransformerForImageClassification(config).eval().freeze_for_cpu_inference()
+        >>> with torch.inference_mode():
+        ...     model(torch.randn(2, 3, 32, 32)).logits.shape
+        torch.Size([2, 10])
+        ```
+        """
+        dtype, device = self.dtype, self.device
+        if _ONEDNN_LINEAR is None or device.type != "cpu" or dtype not in _ONEDNN_DTYPES:
+            dtypes = " or ".join(map(str, _ONEDNN_DTYPES))
+            no_onednn = "" if _ONEDNN_LINEAR else " and torch has no oneDNN"
+            raise ValueError(
+                f"freeze_for_cpu_inference packs weights for oneDNN on CPU, in {dtypes} on this machine; the model is "
+                f"{dtype} on {device}{no_onednn}."
+            )
+        for module in list(self.modules()):
+            for name, child in module.named_children():
+                # Only plain, unhooked Linears: LoRA or quantized subclasses and hooked layers keep their forward.
+                if type(child) is nn.Linear and not (child._forward_hooks or child._forward_pre_hooks):
+                    setattr(module, name, FrozenLinear(child))
+        return self.eval()
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Save as transformers does, plus the `preprocessor_config.json` the image-classification pipeline reads."""
         if kwargs.get("is_main_process", True):
@@ -440,6 +521,7 @@ class VisionTransformerForImageClassification(VisionTransformerPreTrainedModel):
 
 
 __all__ = [
+    "FrozenLinear",
     "VisionTransformerPreTrainedModel",
     "VisionTransformerModel",
     "VisionTransformerForImageClassification",

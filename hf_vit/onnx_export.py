@@ -1,7 +1,8 @@
 """
 ONNX export of a ViT image classifier, verified with ONNX Runtime: `onnx/model.onnx` (float32, dynamic batch) and, on
 request, `onnx/model_quantized.onnx` (int8 weights, `onnxruntime.quantization.quantize_dynamic`) in the model folder,
-the layout transformers.js and optimum read.
+the layout transformers.js and optimum read. Where OpenVINO is installed (the `openvino` extra), `onnx/model.onnx` is
+checked under it too: f32 against the same bound as ONNX Runtime, bf16 (`INFERENCE_PRECISION_HINT`) reported.
 
 Works for hf_vit folders and for stock `transformers.ViTForImageClassification` folders (e.g. `hf-vit-convert ...
 --export transformers-vit`): anything `AutoModelForImageClassification` loads completely (every weight of the folder
@@ -66,6 +67,53 @@ def require_onnx():
             "pip install 'hf_vit[onnx]'."
         ) from None
     return onnxruntime
+
+
+def openvino_or_none():
+    """The `openvino` module, or None where it is not installed (its check is then left out, and said so)."""
+    try:
+        import openvino  # noqa: PLC0415
+    except ImportError:
+        return None
+    return openvino
+
+
+def compile_openvino(path: str | os.PathLike, precision: str, threads: int | None = None, profile: bool = False):
+    """`path` (ONNX) compiled by OpenVINO's CPU plugin with `INFERENCE_PRECISION_HINT` `precision` ("f32", "bf16"),
+    on `threads` threads (default: OpenVINO's choice), with per-layer timings (`PERF_COUNT`) if `profile`."""
+    openvino = openvino_or_none()
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": profile}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return openvino.Core().compile_model(str(path), "CPU", config)
+
+
+def _check_openvino(fp32_path: Path, images: np.ndarray, references: dict[str, np.ndarray]) -> dict:
+    """OpenVINO's f32 and bf16 logits of the export against PyTorch's float64 ones; f32 is held to the same bound as
+    ONNX Runtime (`check_drift` against PyTorch's own float32 drift), bf16 is reported."""
+    openvino = openvino_or_none()
+    if openvino is None:
+        return {}
+    exact, reference = references["float64"], references["float32"]
+    result = {"openvino": openvino.__version__.split("-")[0]}  # "2026.4.1-22982-e213a14...": the release
+    for precision in ("f32", "bf16"):
+        compiled = compile_openvino(fp32_path, precision)
+        logits, single = compiled(images)[0], compiled(images[:1])[0]
+        # A CPU without BF16 runs the bf16 hint in f32: say what ran.
+        ran_as = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type: "f32", "bf16"
+        result[f"openvino_{precision}_ran_as"] = ran_as.to_string() if hasattr(ran_as, "to_string") else str(ran_as)
+        result[f"openvino_{precision}_drift"] = max(
+            relative_difference(logits, exact), relative_difference(single, exact[:1])
+        )
+        result[f"openvino_{precision}_max_abs_diff"] = float(
+            max(np.abs(logits - reference).max(), np.abs(single - reference[:1]).max())
+        )
+        result[f"openvino_{precision}_top1_agreement"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+    try:
+        check_drift(result["openvino_f32_drift"], relative_difference(reference, exact), "OpenVINO's f32 output")
+    except VerificationError as error:
+        raise OnnxExportError(f"{error} (ONNX Runtime's matches)") from None
+    return result
 
 
 def load_classifier(model_dir: str | os.PathLike) -> nn.Module:
@@ -268,6 +316,7 @@ def _export_and_check(model, work, images, references, quantize, opset_version, 
         "torch": torch.__version__,
         "quantized": quantize,
     }
+    result.update(_check_openvino(fp32_path, images, references))
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
 
@@ -336,7 +385,37 @@ def card_section(result: dict[str, object]) -> str:
         'logits = session.run(["logits"], {"pixel_values": pixel_values})[0]',
         "```",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + openvino_card_lines(result)) + "\n"
+
+
+def openvino_card_lines(result: dict[str, object]) -> list[str]:
+    """How to run `onnx/model.onnx` with OpenVINO, and its check where it ran at export."""
+    if "openvino" in result:
+        checked = (
+            f"Checked with OpenVINO {result['openvino']} (CPU) on the same inputs, against the same float64 logits: "
+            f"f32 within **{result['openvino_f32_drift']:.1e}** of the logits' scale (same bound as ONNX Runtime); "
+            f"bf16 (ran as {result['openvino_bf16_ran_as']}) **{result['openvino_bf16_drift']:.1e}**, top-1 agreement "
+            f"**{round(result['openvino_bf16_top1_agreement'] * result['num_images'])}/{result['num_images']}**."
+        )
+    else:
+        checked = (
+            "OpenVINO was not installed at export, so the file was not checked under it (`pip install "
+            "'hf_vit[openvino]'`)."
+        )
+    height, width = result["image_size"]
+    return [
+        "",
+        f'OpenVINO reads the same file: `"f32"` is exact, `"bf16"` the fast choice on CPUs with AVX512-BF16 or AMX '
+        f"(elsewhere it runs as f32). {checked}",
+        "",
+        "```python",
+        "import numpy as np",
+        "import openvino",
+        "",
+        f'compiled = openvino.Core().compile_model("onnx/{FP32_FILE}", "CPU", {{"INFERENCE_PRECISION_HINT": "bf16"}})',
+        f"logits = compiled(np.zeros((1, 3, {height}, {width}), np.float32))[0]",
+        "```",
+    ]
 
 
 def write_card_section(folder: Path, result: dict[str, object]) -> None:
@@ -378,11 +457,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"; int8 top-1 agreement {result['int8_top1_agreement']:.0%}, max logit change "
                 f"{result['int8_max_abs_diff']:.1e}"
             )
+        if "openvino" in result:
+            line += (
+                f"; OpenVINO f32 within {result['openvino_f32_drift']:.1e}, bf16 {result['openvino_bf16_drift']:.1e}"
+            )
         print(line)
     return 0
 
 
-__all__ = ["OnnxExportError", "card_section", "export_onnx", "load_classifier"]
+__all__ = [
+    "OnnxExportError",
+    "card_section",
+    "compile_openvino",
+    "export_onnx",
+    "load_classifier",
+    "openvino_or_none",
+]
 
 
 if __name__ == "__main__":

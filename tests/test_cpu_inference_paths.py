@@ -1,0 +1,94 @@
+"""The CPU inference paths, each forced on whatever CPU runs the tests: freeze_for_cpu_inference (every Linear's weight
+kept only pre-packed for oneDNN: the same logits, the plain weights back from state_dict, no way to train it or load
+weights into it by mistake)."""
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+from torch import nn
+
+from hf_vit import VisionTransformerForImageClassification, modeling_hf_vit
+from hf_vit.modeling_hf_vit import FrozenLinear
+
+
+pytestmark = pytest.mark.skipif(modeling_hf_vit._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
+DTYPES = [torch.float32] + ([torch.bfloat16] if modeling_hf_vit._ONEDNN_BF16 else [])
+
+
+def model_in(dtype: torch.dtype, **config) -> VisionTransformerForImageClassification:
+    return randomize_(VisionTransformerForImageClassification(tiny_config(**config))).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fuse_activation", [True, False], ids=["gelu-fused", "gelu-after"])
+def test_frozen_model_gives_the_plain_forwards_logits(monkeypatch, pixel_values, dtype, fuse_activation):
+    # The GELU goes into fc1's epilogue on AVX-512 CPUs and after it elsewhere: both run here whatever this CPU has.
+    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_FUSES_ACTIVATION", fuse_activation)
+    model = model_in(dtype)
+    pixel_values = pixel_values.to(dtype)
+    with torch.inference_mode():
+        reference = model(pixel_values).logits
+    model.freeze_for_cpu_inference()
+    assert not any(type(module) is nn.Linear for module in model.modules())
+    assert sum(type(module) is FrozenLinear for module in model.modules()) == 2 * 6 + 1  # q, k, v, out, fc1, fc2; head
+    packed = []
+    onednn = modeling_hf_vit._ONEDNN_LINEAR
+    monkeypatch.setattr(
+        modeling_hf_vit, "_ONEDNN_LINEAR", lambda *args: packed.append(args[1].is_mkldnn) or onednn(*args)
+    )
+    with torch.inference_mode():
+        logits = model(pixel_values).logits
+    assert packed == [True] * 13
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # the same kernels; bf16 may accumulate in another order
+    torch.testing.assert_close(logits, reference, atol=tolerance, rtol=0)
+
+
+def test_state_dict_gives_the_plain_weights_back_and_a_saved_frozen_model_loads(tmp_path, pixel_values):
+    model = model_in(torch.float32)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    model.freeze_for_cpu_inference()
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[key], before[key]) for key in before)
+    model.save_pretrained(tmp_path)
+    loaded = VisionTransformerForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits, atol=1e-6, rtol=0)
+
+
+def test_frozen_model_holds_one_copy_of_each_weight_so_none_can_go_stale():
+    model = model_in(torch.float32)
+    linear_weights = sum(module.weight.numel() for module in model.modules() if type(module) is nn.Linear)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    model.freeze_for_cpu_inference()
+    # No plain weight is left to change behind the packed one's back (a p.data.copy_() no version counter sees).
+    assert sum(parameter.numel() for parameter in model.parameters()) == parameters - linear_weights
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # new weights go into a fresh model, then freeze
+        model.load_state_dict(model_in(torch.float32).state_dict())
+
+
+def test_frozen_model_refuses_gradients_and_inputs_of_another_dtype(pixel_values):
+    model = model_in(torch.float32).freeze_for_cpu_inference()
+    with pytest.raises(RuntimeError, match="frozen for CPU inference .* with gradients on: run it under"):
+        model(pixel_values)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="got a torch.float64 input"):
+        model.transformer.encoder.layer[0].attn.query(torch.randn(2, 32, dtype=torch.float64))
+
+
+def test_hooked_linears_keep_their_forward(pixel_values):
+    model = model_in(torch.float32)
+    seen = []
+    model.transformer.encoder.layer[0].ffn.fc1.register_forward_hook(lambda module, args, output: seen.append(1))
+    model.freeze_for_cpu_inference()
+    assert type(model.transformer.encoder.layer[0].ffn.fc1) is nn.Linear
+    with torch.inference_mode():
+        model(pixel_values)
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_dtype_onednn_cannot_run_here_is_one_clear_error(monkeypatch, dtype):
+    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_DTYPES", (torch.float32,))  # as on a CPU without AVX512-BF16
+    model = model_in(dtype)
+    with pytest.raises(ValueError, match=rf"in torch.float32 on this machine; the model is {dtype} on cpu\.$"):
+        model.freeze_for_cpu_inference()
+    assert any(type(module) is nn.Linear for module in model.modules())  # left as it was
