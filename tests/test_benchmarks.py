@@ -8,14 +8,11 @@ import sys
 import pytest
 import torch
 
-from hf_vit import VisionTransformerForImageClassification, modeling_hf_vit
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import common  # noqa: E402
-from conftest import randomize_, tiny_config  # noqa: E402
 
 
 def run_script(name: str, *args: str) -> str:
@@ -137,40 +134,6 @@ def test_bench_conversion_prints_its_table(tmp_path):
     assert [line[:20].strip() for line in lines[2:]] == ["cp", "plain floor", "convert", "convert + verify"]
     assert [len(line[20:].split()) for line in lines[2:]] == [3, 5, 5, 5]  # cp has no memory column
     assert not (tmp_path / "out").exists()  # every probe's output folder is removed
-
-
-# The fast path the benchmarks measure: without gradients on CPU, each Linear (+GELU on AVX-512) is one oneDNN call.
-needs_onednn = pytest.mark.skipif(modeling_hf_vit._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
-
-
-@needs_onednn
-@pytest.mark.parametrize("fuse_activation", [True, False], ids=["gelu-fused", "gelu-after"])
-@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu"])
-def test_onednn_inference_matches_the_autograd_path(monkeypatch, pixel_values, hidden_act, fuse_activation):
-    model = randomize_(VisionTransformerForImageClassification(tiny_config(hidden_act=hidden_act))).eval()
-    reference = model(pixel_values).logits.detach()  # gradients on: nn.Linear and ACT2FN
-    calls = []
-    onednn = modeling_hf_vit._ONEDNN_LINEAR
-    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_LINEAR", lambda *args: calls.append(args[3]) or onednn(*args))
-    # Fused on AVX-512 CPUs, after the matmul on the others: both paths run here whatever this CPU has.
-    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_FUSES_ACTIVATION", fuse_activation)
-    with torch.no_grad():
-        logits = model(pixel_values).logits
-    assert calls.count("gelu") == (2 if fuse_activation else 0) and len(calls) == 2 * 6  # q, k, v, out, fc1, fc2
-    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
-
-
-@needs_onednn
-def test_onednn_path_leaves_hooked_and_autocast_layers_to_their_forward(pixel_values):
-    model = randomize_(VisionTransformerForImageClassification(tiny_config())).eval()
-    seen = []
-    model.transformer.encoder.layer[0].ffn.fc1.register_forward_hook(lambda module, args, output: seen.append(1))
-    with torch.no_grad():
-        model(pixel_values)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(pixel_values).logits
-    assert len(seen) == 2
-    assert logits.dtype == torch.bfloat16
 
 
 def test_bench_finetune_runs_the_real_script_and_prints_its_table(tmp_path):

@@ -1,6 +1,14 @@
-"""The CPU inference paths, each forced on whatever CPU runs the tests: freeze_for_cpu_inference (every Linear's weight
-kept only pre-packed for oneDNN: the same logits, the plain weights back from state_dict, no way to train it or load
-weights into it by mistake)."""
+"""The CPU inference paths, each forced on whatever CPU runs the tests, so that no path is tested only on the CPUs
+that happen to take it:
+
+- oneDNN's fused linear (`modeling_hf_vit.linear`, inference without gradients on any x86 CPU) with the GELU in its
+  epilogue (AVX-512 CPUs: AMD Zen 4/5, Intel Skylake-SP and later) or after it (AVX2 only: AMD Zen 2);
+- bf16 linears in oneDNN where the CPU runs them (AVX512-BF16 or AMX: Zen 4/5, Intel Cooper Lake, Sapphire Rapids)
+  and through nn.Linear elsewhere (Zen 2);
+- freeze_for_cpu_inference (every Linear's weight kept only pre-packed for oneDNN: the same logits, the plain weights
+  back from state_dict, no way to train it or load weights into it by mistake), in fp32 anywhere and bf16 where
+  oneDNN runs it; where it does not, the refusal is forced.
+"""
 
 import pytest
 import torch
@@ -13,6 +21,60 @@ from hf_vit.modeling_hf_vit import FrozenLinear
 
 pytestmark = pytest.mark.skipif(modeling_hf_vit._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
 DTYPES = [torch.float32] + ([torch.bfloat16] if modeling_hf_vit._ONEDNN_BF16 else [])
+
+
+# --- the eager path: oneDNN's linear without gradients --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse_activation", [True, False], ids=["gelu-fused", "gelu-after"])
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu"])
+def test_onednn_inference_matches_the_autograd_path(monkeypatch, pixel_values, hidden_act, fuse_activation):
+    model = randomize_(VisionTransformerForImageClassification(tiny_config(hidden_act=hidden_act))).eval()
+    reference = model(pixel_values).logits.detach()  # gradients on: nn.Linear and ACT2FN
+    calls = []
+    onednn = modeling_hf_vit._ONEDNN_LINEAR
+    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_LINEAR", lambda *args: calls.append(args[3]) or onednn(*args))
+    # Fused on AVX-512 CPUs, after the matmul on the others: both paths run here whatever this CPU has.
+    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_FUSES_ACTIVATION", fuse_activation)
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    assert calls.count("gelu") == (2 if fuse_activation else 0) and len(calls) == 2 * 6  # q, k, v, out, fc1, fc2
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("onednn_bf16", [True, False], ids=["bf16-onednn", "bf16-nn-linear"])
+def test_bf16_inference_goes_to_onednn_only_where_the_cpu_runs_it(monkeypatch, pixel_values, onednn_bf16):
+    """The gate is forced both ways; the oneDNN bf16 kernels themselves need AVX512-BF16 or AMX, so that half is
+    skipped on an AVX2-only CPU (which then takes the nn.Linear half, as it would in use)."""
+    if onednn_bf16 and not modeling_hf_vit._ONEDNN_BF16:
+        pytest.skip("this CPU has no oneDNN bf16 kernels (no AVX512-BF16 or AMX): the nn.Linear half covers it")
+    dtypes = (torch.float32, torch.bfloat16) if onednn_bf16 else (torch.float32,)
+    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_DTYPES", dtypes)
+    model = model_in(torch.bfloat16)
+    pixel_values = pixel_values.to(torch.bfloat16)
+    reference = model(pixel_values).logits.detach().float()  # gradients on: nn.Linear
+    calls = []
+    onednn = modeling_hf_vit._ONEDNN_LINEAR
+    monkeypatch.setattr(modeling_hf_vit, "_ONEDNN_LINEAR", lambda *args: calls.append(args[3]) or onednn(*args))
+    with torch.no_grad():
+        logits = model(pixel_values).logits.float()
+    assert len(calls) == (2 * 6 if onednn_bf16 else 0)
+    torch.testing.assert_close(logits, reference, atol=0.05, rtol=0.05)  # bf16 rounding, other summation orders
+
+
+def test_onednn_path_leaves_hooked_and_autocast_layers_to_their_forward(pixel_values):
+    model = randomize_(VisionTransformerForImageClassification(tiny_config())).eval()
+    seen = []
+    model.transformer.encoder.layer[0].ffn.fc1.register_forward_hook(lambda module, args, output: seen.append(1))
+    with torch.no_grad():
+        model(pixel_values)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(pixel_values).logits
+    assert len(seen) == 2
+    assert logits.dtype == torch.bfloat16
+
+
+# --- freeze_for_cpu_inference -----------------------------------------------------------------------------------------
 
 
 def model_in(dtype: torch.dtype, **config) -> VisionTransformerForImageClassification:
