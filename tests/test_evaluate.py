@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import randomize_, reset_accelerate_state, tiny_config
 from huggingface_hub import ModelCard
 from test_finetune import environment, free_port
 
@@ -58,8 +58,6 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def evaluate(monkeypatch):
     """evaluate.main in this process with one thread, accelerate's singletons reset after each call."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -68,9 +66,7 @@ def evaluate(monkeypatch):
         try:
             return evaluate_script.main(argv)
         finally:  # each call is a fresh command: its own Accelerator (bf16 or not)
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            PartialState._reset_state()
+            reset_accelerate_state()
 
     yield main
     torch.set_num_threads(threads)
