@@ -1,4 +1,4 @@
-"""Evaluate a Vision Transformer without training it: top-1, top-5, loss, per-class accuracy and few-shot linear accuracy.
+"""Evaluate a Vision Transformer without training it: top-1, top-5, loss, per-class and few-shot linear accuracy.
 
     python examples/evaluate.py --model_name_or_path vit-digits --fewshot 1 5 10 --output_dir eval-digits
     accelerate launch -q --multi_gpu --num_processes 2 examples/evaluate.py --model_name_or_path vit-digits \

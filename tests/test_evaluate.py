@@ -452,8 +452,9 @@ def test_an_output_folder_with_another_evaluation_is_refused(model_dir, evaluate
 
 @pytest.mark.parametrize("launcher", ["python", "accelerate launch -q"])
 def test_bad_input_from_the_command_line_is_one_line_and_nothing_is_written(model_dir, tmp_path, launcher):
-    command = None if launcher == "python" else [ACCELERATE, "launch", "-q", "--num_processes", "1", "--num_machines",
-                                                 "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    single = [ACCELERATE, "launch", "-q", "--num_processes", "1", "--num_machines", "1", "--cpu", "--mixed_precision",
+              "no", "--dynamo_backend", "no"]  # fmt: skip
+    command = None if launcher == "python" else single
     words = save_model(tmp_path / "words", labels=[f"class {i}" for i in range(10)])
     result = run(
         ["--model_name_or_path", str(words), "--output_dir", str(tmp_path / "out")], tmp_path / "home", command

@@ -129,7 +129,8 @@ def run_script(
     """Run `main()` as a command: every error the script expects becomes one line and its exit status.
 
     UsageError and `known_errors` (e.g. RunFolderError) are bad input (2); NonFiniteLossError a failed run (1);
-    Interrupted and a Ctrl-C before training 130 (`interrupted`: its line). Anything else is a bug and keeps its traceback."""
+    Interrupted and a Ctrl-C before training 130 (`interrupted`: the line of the latter). Anything else is a bug and
+    keeps its traceback."""
     # accelerate's launcher stops its child with SIGTERM when the user presses Ctrl-C: treat both alike.
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

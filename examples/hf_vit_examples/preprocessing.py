@@ -33,7 +33,7 @@ def add_preprocessing_arguments(group) -> None:
         choices=PREPROCESSING,
         default="processor",
         help="processor: the model's own image processor (what pipeline() does); vit_jax: the original evaluation "
-        "resize (bilinear, no antialiasing, no crop); crop: timm's resize to size / crop_pct (bicubic) and centre crop.",
+        "resize (bilinear, no antialiasing, no crop); crop: timm's resize to size / crop_pct (bicubic), centre crop.",
     )
     group.add_argument("--crop_pct", type=float, default=0.875, help="The crop's share of the resized image (crop).")
 
