@@ -28,9 +28,7 @@ This file is the training story; the bookkeeping is in the hf_vit_examples packa
 """
 
 import argparse
-import logging
 
-import datasets
 import torch
 import transformers
 from accelerate import Accelerator
@@ -46,9 +44,10 @@ from transformers import get_scheduler
 
 from hf_vit_examples import report
 from hf_vit_examples.augmentation import Augment, add_augmentation_arguments, check_augmentation_arguments
-from hf_vit_examples.cli import ArgumentParser, UsageError, close_matches, run_script
+from hf_vit_examples.cli import ArgumentParser, UsageError, close_matches, run_script, set_up_logging
 from hf_vit_examples.data import (
     DECODE_CHECK_LIMIT,
+    Collate,
     add_data_arguments,
     decode_splits,
     eval_dataloader_for,
@@ -239,14 +238,6 @@ def split_the_batch(args: argparse.Namespace, accelerator: Accelerator) -> int:
     return per_device
 
 
-def set_up_logging(accelerator: Accelerator) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file at each checkpoint is noise
-    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
-    datasets.utils.logging.set_verbosity(verbosity)
-    transformers.utils.logging.set_verbosity(verbosity)
-
-
 def main(argv: list[str] | None = None) -> dict:
     started = report.process_start_time()
     parser = argument_parser()
@@ -280,8 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataloader = train_dataloader_for(
             splits.train, train_pixels, *resize, train_batch, loader_kwargs, accelerator.device
         )
-        monitor_dataloader = eval_dataloader_for(splits.monitor[0], *resize, eval_batch, loader_kwargs)
-        report_dataloader = eval_dataloader_for(splits.report, *resize, eval_batch, loader_kwargs)
+        resize_only = Collate(*resize, keep_native_size=False)
+        monitor_dataloader = eval_dataloader_for(splits.monitor[0], resize_only, eval_batch, loader_kwargs)
+        report_dataloader = eval_dataloader_for(splits.report, resize_only, eval_batch, loader_kwargs)
         optimizer = build_optimizer(args, model, accelerator.device)
         lr_scheduler = get_scheduler(
             args.lr_scheduler_type,

@@ -38,7 +38,6 @@ def pixel_values() -> torch.Tensor:
 @pytest.fixture
 def in_process(monkeypatch):
     """Run finetune.main in this process with one thread, and leave accelerate's singletons as they were."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
     from test_finetune import finetune
 
     threads = torch.get_num_threads()
@@ -46,6 +45,13 @@ def in_process(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield finetune.main
     torch.set_num_threads(threads)
+    reset_accelerate_state()
+
+
+def reset_accelerate_state() -> None:
+    """Forget the Accelerator a script made in this process, as a new command would start without one."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()

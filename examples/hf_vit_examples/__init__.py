@@ -8,9 +8,11 @@
 - `augmentation`: the training augmentations, one class each with its flags.
 - `optimizer`: the optimizers, built and described by one function each.
 - `metrics`: the evaluation metrics, one dict.
-- `run_folder`: the output folder a run owns, its checkpoints, resume.
+- `preprocessing`: the evaluation preprocessings (the model's image processor, vit_jax's, timm's crop).
+- `fewshot`: big_vision's few-shot linear evaluation (closed-form ridge regression on the representation).
+- `run_folder`: the output folder a run owns, its checkpoints, resume; an evaluation's output folder.
 - `training_log`: progress bar, loss reads, the NaN stop, throughput, trackers, history.
-- `report`: results, model card, plots, push to the Hub.
+- `report`: results, model card, plots, push to the Hub; an evaluation's results and card entries.
 
 The package has a name of its own so that it can shadow nothing installed; a script finds it as any script finds
 the modules beside it (its folder is the first entry of sys.path).

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import difflib
 import json
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import datasets
+import transformers
 from tqdm.auto import tqdm
 
 
@@ -81,6 +83,15 @@ def transient_progress(description: str, enabled: bool):
             datasets.enable_progress_bars()
 
 
+def set_up_logging(accelerator) -> None:
+    """Log lines with their time; the libraries' warnings from the main process only."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file at each checkpoint is noise
+    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
+    datasets.utils.logging.set_verbosity(verbosity)
+    transformers.utils.logging.set_verbosity(verbosity)
+
+
 def exit_with(script: str, line: str, status: int, every_process: bool = False) -> None:
     """End the process with one line on stderr, printed by the main process unless every process found it itself.
 
@@ -108,11 +119,18 @@ def stop(signum, frame):
 stop.stopping = False
 
 
-def run_script(main, script: str, *, known_errors: tuple[type[Exception], ...] = ()) -> None:
+def run_script(
+    main,
+    script: str,
+    *,
+    known_errors: tuple[type[Exception], ...] = (),
+    interrupted: str = "interrupted before training started; nothing was trained.",
+) -> None:
     """Run `main()` as a command: every error the script expects becomes one line and its exit status.
 
     UsageError and `known_errors` (e.g. RunFolderError) are bad input (2); NonFiniteLossError a failed run (1);
-    Interrupted and a Ctrl-C before training 130. Anything else is a bug and keeps its traceback."""
+    Interrupted and a Ctrl-C before training 130 (`interrupted`: the line of the latter). Anything else is a bug and
+    keeps its traceback."""
     # accelerate's launcher stops its child with SIGTERM when the user presses Ctrl-C: treat both alike.
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -125,4 +143,4 @@ def run_script(main, script: str, *, known_errors: tuple[type[Exception], ...] =
     except Interrupted as error:
         exit_with(script, str(error), 130)
     except KeyboardInterrupt:
-        exit_with(script, "interrupted before training started; nothing was trained.", 130)
+        exit_with(script, interrupted, 130)

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .cli import UsageError, one_line, transient_progress
+from .cli import UsageError, close_matches, one_line, transient_progress
 
 
 DIGITS = "digits"
@@ -26,7 +26,8 @@ DECODE_CHECK_LIMIT = 4 << 30
 SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # what datasets' save_to_disk writes
 
 
-def add_data_arguments(group) -> None:
+def add_data_arguments(group, held_out_validation: bool = True) -> None:
+    """The data flags of every script; `held_out_validation`: --validation_split_percentage (training scripts)."""
     group.add_argument(
         "--dataset_name",
         default=DIGITS,
@@ -37,12 +38,13 @@ def add_data_arguments(group) -> None:
     group.add_argument("--validation_dir", help="An imagefolder of evaluation images.")
     group.add_argument("--image_column_name", help="Default: the column with the Image feature, else image/img.")
     group.add_argument("--label_column_name", help="Default: the ClassLabel column, else label/fine_label.")
-    group.add_argument(
-        "--validation_split_percentage",
-        type=float,
-        default=0,
-        help="Hold out this percentage of train for model selection; the test split is then only used at the end.",
-    )
+    if held_out_validation:
+        group.add_argument(
+            "--validation_split_percentage",
+            type=float,
+            default=0,
+            help="Hold out this percentage of train for model selection; the test split is then only used at the end.",
+        )
     group.add_argument("--max_train_samples", type=int, help="Truncate the training set (quick runs).")
     group.add_argument("--max_eval_samples", type=int, help="Truncate the evaluation sets (quick runs).")
 
@@ -170,40 +172,49 @@ class Splits:
         return {name.split()[0]: split._fingerprint for name, split in self.named().items()}
 
 
+def standardise_columns(dataset: datasets.DatasetDict, args: argparse.Namespace, reference: str = "train"):
+    """(dataset with columns image (undecoded) and label (ClassLabel) in every split, the class names); the columns
+    are detected on the `reference` split, whose distinct values become the classes when labels are plain values."""
+    source = DataSource.from_args(args)
+    image_column, label_column = detect_columns(dataset[reference], args.image_column_name, args.label_column_name)
+    dataset = dataset.select_columns([image_column, label_column])
+    dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
+    # Decode ourselves, on the loader's workers, so that an unreadable file is reported with its name.
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    if len(dataset[reference]) == 0:
+        raise UsageError(f"the {reference} split of {source.name!r} is empty.")
+    if isinstance(dataset[reference].features["label"], datasets.ClassLabel):
+        return dataset, list(dataset[reference].features["label"].names)
+    # plain ints or strings: the distinct values of the reference split, sorted, become the classes of every split
+    values = sorted(set(dataset[reference]["label"]))
+    labels, index = [str(value) for value in values], {value: i for i, value in enumerate(values)}
+    unknown = {value for split in dataset.values() for value in split["label"]} - set(values)
+    if unknown:
+        raise UsageError(f"labels {sorted(unknown)[:5]} appear in an evaluation split but not in {reference}.")
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=labels)})
+    dataset = dataset.map(
+        lambda batch: {"label": [index[value] for value in batch["label"]]},
+        batched=True,
+        features=features,
+        keep_in_memory=True,
+    )
+    return dataset, labels
+
+
+def default_report_split(dataset: datasets.DatasetDict) -> str | None:
+    """The split a number is reported on: test, else validation."""
+    return "test" if "test" in dataset else "validation" if "validation" in dataset else None
+
+
 def prepare_splits(dataset: datasets.DatasetDict, args: argparse.Namespace) -> Splits:
     """The splits of `dataset`: report = test (else validation); selection never touches it."""
     source = DataSource.from_args(args)
     if "train" not in dataset:
         raise UsageError(f"dataset {source.name!r} has no train split (splits: {', '.join(dataset)}).")
-    image_column, label_column = detect_columns(dataset["train"], args.image_column_name, args.label_column_name)
-    dataset = dataset.select_columns([image_column, label_column])
-    dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
-    # Decode ourselves, on the loader's workers, so that an unreadable file is reported with its name.
-    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    dataset, labels = standardise_columns(dataset, args)
     train = dataset["train"]
-    if len(train) == 0:
-        raise UsageError(f"the train split of {source.name!r} is empty.")
 
-    if isinstance(train.features["label"], datasets.ClassLabel):
-        labels = list(train.features["label"].names)
-    else:  # plain ints or strings: the distinct values of train, sorted, become the classes of every split
-        values = sorted(set(train["label"]))
-        labels, index = [str(value) for value in values], {value: i for i, value in enumerate(values)}
-        unknown = {value for split in dataset.values() for value in split["label"]} - set(values)
-        if unknown:
-            raise UsageError(f"labels {sorted(unknown)[:5]} appear in an evaluation split but not in train.")
-        features = datasets.Features(
-            {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=labels)}
-        )
-        dataset = dataset.map(
-            lambda batch: {"label": [index[value] for value in batch["label"]]},
-            batched=True,
-            features=features,
-            keep_in_memory=True,
-        )
-        train = dataset["train"]
-
-    report_name = "test" if "test" in dataset else "validation" if "validation" in dataset else None
+    report_name = default_report_split(dataset)
     selection, selection_name = None, None
     if report_name == "test" and "validation" in dataset:
         selection, selection_name = dataset["validation"], "validation"
@@ -237,6 +248,54 @@ def load_splits(args: argparse.Namespace, accelerator: Accelerator) -> Splits:
     with accelerator.main_process_first():
         dataset = load_image_dataset(args, show_progress=accelerator.is_local_main_process)
         return prepare_splits(dataset, args)
+
+
+@dataclass
+class EvaluationSplits:
+    """What an evaluation reads: the evaluated split, the train split (the shots of --fewshot) or None, the class
+    names (indices as finetune.py's, from train when there is one) and the source."""
+
+    evaluated: datasets.Dataset
+    evaluated_name: str
+    train: datasets.Dataset | None
+    labels: list[str]
+    source: DataSource
+
+
+def evaluation_splits(dataset: datasets.DatasetDict, args: argparse.Namespace, with_train: bool) -> EvaluationSplits:
+    """--split (default: test, else validation) of `dataset`, and its train split when `with_train`."""
+    source = DataSource.from_args(args)
+    name = args.split or default_report_split(dataset)
+    if name is None:
+        raise UsageError(
+            f"dataset {source.name!r} has no test or validation split (it has {', '.join(dataset)}): pass --split."
+        )
+    if name not in dataset:
+        raise UsageError(
+            f"dataset {source.name!r} has no split {name!r}{close_matches(name, list(dataset))}: choose from "
+            f"{', '.join(dataset)}."
+        )
+    if with_train and "train" not in dataset:
+        raise UsageError(
+            f"--fewshot draws its shots from the train split, and dataset {source.name!r} has none "
+            f"(splits: {', '.join(dataset)})."
+        )
+    dataset, labels = standardise_columns(dataset, args, reference="train" if "train" in dataset else name)
+    evaluated, train = dataset[name], dataset["train"] if with_train else None
+    if args.max_eval_samples:
+        evaluated = evaluated.select(range(min(args.max_eval_samples, len(evaluated))))
+    if train is not None and args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if len(evaluated) == 0:
+        raise UsageError(f"the {name} split of {source.name!r} is empty.")
+    return EvaluationSplits(evaluated, name, train, labels, source)
+
+
+def load_evaluation_splits(args: argparse.Namespace, accelerator: Accelerator, with_train: bool) -> EvaluationSplits:
+    """The dataset loaded, the evaluated split chosen; the main process downloads and caches, the others read it."""
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(args, show_progress=accelerator.is_local_main_process)
+        return evaluation_splits(dataset, args, with_train)
 
 
 def decode_image(image: dict) -> tuple[PIL.Image.Image | None, str | None]:
@@ -365,12 +424,28 @@ def train_dataloader_for(train, train_pixels, image_size, resample, batch_size: 
     )
 
 
-def eval_dataloader_for(split, image_size, resample, batch_size: int, loader_kwargs):
-    """Batches of uint8 images resized to the model's size, decoded by worker processes, in the split's order."""
+class Preprocessed:
+    """Collate a batch through an evaluation preprocessing (PIL images -> normalised float (B, 3, H, W)), on the
+    loader's workers."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+
+    def __call__(self, examples: list[dict]) -> dict:
+        errors = [example["error"] for example in examples if example["error"]]
+        if errors:
+            return {"error": errors[0]}
+        pixel_values = self.preprocess([example["image"] for example in examples])
+        return {"pixel_values": pixel_values, "labels": torch.tensor([e["label"] for e in examples])}
+
+
+def eval_dataloader_for(split, collate, batch_size: int, loader_kwargs):
+    """Batches decoded by worker processes and collated by `collate` (a resize, or a Preprocessed), in the split's
+    order."""
     return torch.utils.data.DataLoader(
         split.with_transform(decode_images),
         batch_size=batch_size,
-        collate_fn=Collate(image_size, resample, keep_native_size=False),
+        collate_fn=collate,
         **{**loader_kwargs, "persistent_workers": False},
     )
 

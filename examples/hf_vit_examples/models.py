@@ -161,13 +161,17 @@ class Provenance:
         return self.name if self.kind == "pretrained" and not Path(self.name).exists() else None
 
 
-def load_model(args: argparse.Namespace, labels: list[str], accelerator: Accelerator):
-    """(model, Provenance): from scratch (--config_name), converted from an .npz, or loaded from a folder / Hub id."""
+def load_model(args: argparse.Namespace, labels: list[str], accelerator: Accelerator, keep_head: bool = False):
+    """(model, Provenance): from scratch (--config_name), converted from an .npz, or loaded from a folder / Hub id.
+
+    A model built from scratch gets a head for `labels`; a checkpoint's head is replaced by one for `labels`, unless
+    `keep_head` (evaluation): then the model keeps its own head and id2label."""
     label_kwargs = dict(
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
+    head_kwargs = {} if keep_head else label_kwargs
     overrides = parse_overrides(args.config_overrides)
     if args.image_size:
         overrides.setdefault("image_size", args.image_size)
@@ -187,12 +191,13 @@ def load_model(args: argparse.Namespace, labels: list[str], accelerator: Acceler
             # The main process converts (and downloads) once; the others, and resumed runs, load its folder.
             with accelerator.main_process_first():
                 if not (converted / "config.json").exists():
+                    # a new zero-initialised head, pre_logits dropped (the paper's); or the checkpoint's own head
+                    new_head = {} if keep_head else dict(num_labels=len(labels), labels=labels)
                     conversion.convert(
                         source,
                         converted,
-                        num_labels=len(labels),  # a new zero-initialised head, pre_logits dropped (the paper's)
-                        labels=labels,
-                        image_size=image_size or 224,
+                        **new_head,
+                        image_size=image_size or (None if keep_head else 224),  # evaluation: its own
                         variant=args.config_name,  # a seed *_checkpoint.bin has no sizes of its own
                         overwrite=True,
                         log=lambda line: logger.info(line),
@@ -203,7 +208,7 @@ def load_model(args: argparse.Namespace, labels: list[str], accelerator: Acceler
         if known_config_fields(args) is None:  # a Hub model: its config class is known once downloaded
             check_config_overrides(overrides, set(type(AutoConfig.from_pretrained(source))().to_dict()))
         model = AutoModelForImageClassification.from_pretrained(
-            source, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **overrides, **label_kwargs
+            source, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **overrides, **head_kwargs
         )
         if image_size and tuple(np.broadcast_to(image_size, 2)) != tuple(np.broadcast_to(model.config.image_size, 2)):
             model = resize_position_embeddings(model, image_size)
@@ -272,3 +277,63 @@ def save_model(accelerator: Accelerator, model, output_dir: str | Path) -> None:
         save_function=accelerator.save,
         state_dict=accelerator.get_state_dict(model),
     )
+
+
+def preview(names: list[str], count: int = 5) -> str:
+    return ", ".join(map(repr, names[:count])) + (f", ... ({len(names)} in all)" if len(names) > count else "")
+
+
+def parse_label_mapping(text: str) -> dict:
+    """--label_mapping: a JSON object {dataset label: model label or index}, inline or in a file."""
+    try:
+        mapping = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"--label_mapping {text!r} is neither 'index' nor a JSON object (or file) of dataset label -> model "
+            f"label: {one_line(error)}."
+        ) from None
+    if not isinstance(mapping, dict):
+        raise UsageError(f"--label_mapping must be a JSON object of dataset label -> model label, got {text!r}.")
+    return {str(key): value for key, value in mapping.items()}
+
+
+def match_labels(id2label: dict, labels: list[str], mapping: str | None = None) -> np.ndarray:
+    """For each of the dataset's classes, the index of the model's class it is: by name (case and surrounding
+    spaces ignored), or by --label_mapping ('index': dataset class i is the model's class i; or a JSON object of
+    dataset label -> model label or index, the classes it leaves out matched by name)."""
+    model_labels = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    if mapping == "index":
+        if len(labels) > len(model_labels):
+            raise UsageError(
+                f"--label_mapping index: the dataset has {len(labels)} classes, the model only {len(model_labels)}."
+            )
+        return np.arange(len(labels))
+    explicit = parse_label_mapping(mapping) if mapping else {}
+    unknown = sorted(set(explicit) - set(labels))
+    if unknown:
+        raise UsageError(f"--label_mapping names labels the dataset doesn't have: {preview(unknown)}.")
+    by_name = {}
+    for index, name in enumerate(model_labels):
+        by_name.setdefault(name.strip().lower(), []).append(index)
+    matched, missing = [], []
+    for label in labels:
+        target = explicit.get(label, label)
+        if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(model_labels):
+            matched.append(target)
+            continue
+        found = by_name.get(str(target).strip().lower(), [])
+        if len(found) > 1:
+            raise UsageError(
+                f"dataset label {label!r} matches {len(found)} of the model's classes ({found}): say which with "
+                "--label_mapping."
+            )
+        matched.append(found[0]) if found else missing.append(label)
+    if missing:
+        raise UsageError(
+            f"the model's {len(model_labels)} labels ({preview(model_labels)}) don't cover the dataset's: "
+            f"{preview(missing)} {'is' if len(missing) == 1 else 'are'} not among them. Pass --label_mapping index "
+            "(dataset class i is the model's class i) or a JSON object of dataset label -> model label."
+        )
+    if len(set(matched)) < len(matched):
+        raise UsageError("--label_mapping maps two of the dataset's classes to the same model class.")
+    return np.array(matched)

@@ -399,3 +399,62 @@ def push_to_hub(repo_id: str, output_dir: str | Path, results: dict) -> None:
 def script_argv(argv: list[str] | None) -> tuple[str, list[str]]:
     """(the script's path as typed, its arguments): sys.argv's, or `argv` for a script called as a function."""
     return (sys.argv[0], sys.argv[1:]) if argv is None else ("examples/finetune.py", list(argv))
+
+
+# ---- what examples/evaluate.py leaves
+
+
+def write_evaluation(output_dir: str | Path, results: dict, references, predictions, labels: list[str]) -> None:
+    """confusion_matrix.png (when the model has a head), then eval_results.json, and the result on stdout."""
+    output_dir = Path(output_dir)
+    if results["eval_accuracy"] is not None:
+        if predictions.max(initial=0) == len(labels):  # the model's classes outside the dataset's
+            labels = [*labels, "(other)"]
+        title = f"{results['eval_split']}: top-1 {results['eval_accuracy']:.4f} ({results['preprocessing']})"
+        plot_confusion_matrix(references, predictions, labels, title, output_dir / "confusion_matrix.png")
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    numbers = []
+    if results["eval_accuracy"] is not None:
+        numbers += [f"top-1 {results['eval_accuracy']:.4f}", f"top-5 {results['eval_top5_accuracy']:.4f}"]
+    numbers += [f"{shots}-shot {value:.4f}" for shots, value in (results["fewshot_accuracy"] or {}).items()]
+    print(f"{results['eval_split']} ({results['eval_samples']} images): {', '.join(numbers)} -> {output_dir}")
+
+
+def evaluation_card_results(results: dict, source: DataSource) -> list[EvalResult]:
+    """The model-index entries of an evaluation: top-1, top-5 and each few-shot accuracy, the preprocessing as the
+    metric's config."""
+    dataset_type, dataset = dataset_description(source)
+    common = dict(
+        task_type="image-classification",
+        dataset_type=dataset_type,
+        dataset_name=dataset.split(" (")[0],
+        dataset_split=results["eval_split"],
+        metric_config=results["preprocessing"],
+    )
+    entries = []
+    if results["eval_accuracy"] is not None:
+        entries.append(EvalResult(**common, metric_type="accuracy", metric_name="top-1 accuracy",
+                                  metric_value=round(results["eval_accuracy"], 4)))  # fmt: skip
+        entries.append(EvalResult(**common, metric_type="top_5_accuracy", metric_name="top-5 accuracy",
+                                  metric_value=round(results["eval_top5_accuracy"], 4)))  # fmt: skip
+    for shots, value in (results["fewshot_accuracy"] or {}).items():
+        entries.append(
+            EvalResult(**common, metric_type=f"{shots}_shot_accuracy",
+                       metric_name=f"{shots}-shot linear accuracy (shots from train)", metric_value=round(value, 4))
+        )  # fmt: skip
+    return entries
+
+
+def update_model_card(folder: str | Path, entries: list[EvalResult]) -> None:
+    """Add `entries` to the card's model-index (replacing a result of the same dataset, split, metric and
+    preprocessing); the rest of the card, text and metadata, stays as it was. A folder without a card gets one."""
+    path = Path(folder) / "README.md"
+    card = ModelCard.load(path) if path.exists() else ModelCard(f"---\n---\n\n# {Path(folder).resolve().name}\n")
+    card.data.model_name = card.data.model_name or Path(folder).resolve().name  # model-index needs a name
+
+    def key(entry: EvalResult) -> tuple:
+        return (entry.dataset_type, entry.dataset_config, entry.dataset_split, entry.metric_type, entry.metric_config)
+
+    new = {key(entry) for entry in entries}
+    card.data.eval_results = [e for e in card.data.eval_results or [] if key(e) not in new] + entries
+    card.save(path)

@@ -403,3 +403,53 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, max_train_steps:
             "resume with the model arguments of the run that wrote it."
         ) from None
     return state
+
+
+# ---- the output folder of an `examples/evaluate.py` run
+
+EVAL_RESULTS_FILE = "eval_results.json"
+CONVERTED = ".converted"  # where an original checkpoint is converted to, inside the output folder
+
+
+def check_evaluation_dir(output_dir: Path, overwrite: bool) -> None:
+    """An evaluation writes into a new or empty folder, or replaces an earlier evaluation with --overwrite_output_dir;
+    checked before anything is written."""
+    check_writable(output_dir)
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    results = output_dir / EVAL_RESULTS_FILE
+    if results.exists():
+        if overwrite:
+            return
+        try:
+            recorded = json.loads(results.read_text())
+            what = f"of {recorded['model']['name']} on {recorded['eval_split']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            what = "(an unreadable eval_results.json)"
+        raise RunFolderError(
+            f"--output_dir {output_dir} already holds another evaluation {what}: pass --overwrite_output_dir to "
+            "replace it, or choose another folder."
+        )
+    raise RunFolderError(
+        f"--output_dir {output_dir} already holds {describe_contents(output_dir)}: choose a new or empty folder."
+    )
+
+
+@contextlib.contextmanager
+def evaluation_folder(accelerator: Accelerator, output_dir: Path):
+    """Inside: the evaluation, its folder made. A failure removes the folder if this run made it; the converted
+    checkpoint is removed either way (it is a copy of the original: nothing an evaluation leaves)."""
+    created = not output_dir.exists()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        yield
+        accelerator.wait_for_everyone()
+    except BaseException:
+        if accelerator.is_main_process and created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    finally:
+        if accelerator.is_main_process:
+            shutil.rmtree(output_dir / CONVERTED, ignore_errors=True)
