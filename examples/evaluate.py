@@ -97,12 +97,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("per_device_eval_batch_size", "fewshot_seeds", "fewshot_l2_reg", "max_eval_samples", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must not be negative, got {args.dataloader_num_workers}.")
     if any(shots <= 0 for shots in args.fewshot):
         parser.error(f"--fewshot takes positive numbers of shots, got {' '.join(map(str, args.fewshot))}.")
     if args.update_card and not (args.model_name_or_path and Path(args.model_name_or_path).is_dir()):
         parser.error(
             "--update_card writes into the evaluated model's folder: give a local --model_name_or_path folder."
         )
+    if args.update_card and (problem := report.card_update_problem(args.model_name_or_path)):
+        parser.error(f"--update_card: {problem}")
+    if args.preprocessing == "crop" and not 0 < args.crop_pct <= 1:
+        parser.error(f"--crop_pct must be in (0, 1], got {args.crop_pct}.")
     return args
 
 
@@ -162,52 +168,53 @@ def main(argv: list[str] | None = None) -> dict:
                     shots = predict(model, train_loader, accelerator, features=True, progress=bar)
         runtime = time.perf_counter() - started
 
-    # ---- the numbers
-    results = classification_metrics(evaluated, label_map, splits.labels) if has_head else {}
-    fewshot_results = {}
-    if args.fewshot:
-        seeds = list(range(args.seed, args.seed + args.fewshot_seeds))
-        fewshot_results = fewshot.fewshot_accuracy(
-            shots.features, shots.references, evaluated.features, evaluated.references,
-            len(splits.labels), args.fewshot, seeds, args.fewshot_l2_reg,
-        )  # fmt: skip
-    results = {
-        "eval_accuracy": results.get("eval_accuracy"),
-        "eval_top5_accuracy": results.get("eval_top5_accuracy"),
-        "eval_loss": results.get("eval_loss"),
-        "eval_samples": len(splits.evaluated),
-        "eval_split": splits.evaluated_name,
-        "eval_per_class_accuracy": results.get("eval_per_class_accuracy"),
-        "fewshot_accuracy": {shots: value["accuracy"] for shots, value in fewshot_results.items()} or None,
-        "fewshot_per_seed": {shots: value["per_seed"] for shots, value in fewshot_results.items()} or None,
-        "fewshot_seeds": seeds if args.fewshot else None,
-        "fewshot_l2_reg": args.fewshot_l2_reg if args.fewshot else None,
-        "fewshot_train_samples": len(splits.train) if args.fewshot else None,
-        "preprocessing": describe(args.preprocessing, args.crop_pct),
-        "image_size": list(image_size_of(model)),
-        "normalisation": {"mean": list(processor.image_mean), "std": list(processor.image_std)},
-        "model": {
-            "name": provenance.name,
-            "kind": provenance.kind,  # pretrained (a folder or Hub id), converted (an original checkpoint), scratch
-            "url": provenance.url,
-            "revision": getattr(model.config, "_commit_hash", None),
-            "num_parameters": model.num_parameters(),
-        },
-        "dataset": report.dataset_description(splits.source)[0],
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "eval_runtime": runtime,
-        "eval_samples_per_second": total / max(runtime, 1e-9),
-    }
+        # ---- the numbers
+        if has_head:  # every metric of METRICS, top-5, loss, per class
+            metrics = classification_metrics(evaluated, label_map, splits.labels)
+        else:
+            metrics = dict.fromkeys(("eval_accuracy", "eval_top5_accuracy", "eval_loss", "eval_per_class_accuracy"))
+        fewshot_results = {}
+        if args.fewshot:
+            seeds = list(range(args.seed, args.seed + args.fewshot_seeds))
+            fewshot_results = fewshot.fewshot_accuracy(
+                shots.features, shots.references, evaluated.features, evaluated.references,
+                len(splits.labels), args.fewshot, seeds, args.fewshot_l2_reg,
+            )  # fmt: skip
+        results = {
+            **metrics,
+            "eval_samples": len(splits.evaluated),
+            "eval_split": splits.evaluated_name,
+            "fewshot_accuracy": {shots: value["accuracy"] for shots, value in fewshot_results.items()} or None,
+            "fewshot_per_seed": {shots: value["per_seed"] for shots, value in fewshot_results.items()} or None,
+            "fewshot_seeds": seeds if args.fewshot else None,
+            "fewshot_l2_reg": args.fewshot_l2_reg if args.fewshot else None,
+            "fewshot_train_samples": len(splits.train) if args.fewshot else None,
+            "preprocessing": describe(args.preprocessing, args.crop_pct),
+            "image_size": list(image_size_of(model)),
+            "normalisation": {"mean": list(processor.image_mean), "std": list(processor.image_std)},
+            "model": {
+                "name": provenance.name,
+                "kind": provenance.kind,  # pretrained (a folder or Hub id), converted (an original checkpoint), scratch
+                "url": provenance.url,
+                "revision": getattr(model.config, "_commit_hash", None),
+                "num_parameters": model.num_parameters(),
+            },
+            "dataset": report.dataset_description(splits.source)[0],
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "eval_runtime": runtime,
+            "eval_samples_per_second": total / max(runtime, 1e-9),
+        }
 
-    # ---- the results, the confusion matrix, the card
-    if accelerator.is_main_process:
-        predictions = dataset_class_predictions(evaluated, label_map) if has_head else None
-        references = evaluated.references if has_head else None
-        report.write_evaluation(output_dir, results, references, predictions, splits.labels)
-        if args.update_card:
-            report.update_model_card(args.model_name_or_path, report.evaluation_card_results(results, splits.source))
-    accelerator.wait_for_everyone()
+        # ---- the results, the confusion matrix, the card
+        if accelerator.is_main_process:
+            predictions = dataset_class_predictions(evaluated, label_map) if has_head else None
+            references = evaluated.references if has_head else None
+            report.write_evaluation(output_dir, results, references, predictions, splits.labels)
+            if args.update_card:
+                report.update_model_card(
+                    args.model_name_or_path, report.evaluation_card_results(results, splits.source)
+                )
     return results
 
 

@@ -430,12 +430,34 @@ def test_update_card_adds_the_results_to_the_model_index_and_keeps_the_rest(mode
         ),
         (["--update_card", "--model_name_or_path", "me/some-model"], r"--update_card writes into the evaluated model"),
         (["--preprocessing", "crop", "--crop_pct", "1.5"], r"--crop_pct must be in \(0, 1\], got 1.5"),
+        (["--dataloader_num_workers", "-1"], r"--dataloader_num_workers must not be negative, got -1"),
     ],
 )
 def test_bad_input_is_a_usage_error_before_anything_is_written(model_dir, evaluate, tmp_path, extra, message):
     with pytest.raises(cli.UsageError, match=message):
         evaluate(["--model_name_or_path", str(model_dir), *extra, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_card_update_that_would_fail_is_refused_before_the_evaluation(model_dir, evaluate, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (folder / "README.md").write_text("---\nlicense: [unclosed\n---\n\n# my model\n")
+    with pytest.raises(
+        cli.UsageError, match=r"--update_card: .*README.md is not a model card huggingface_hub can read"
+    ):
+        evaluate(["--model_name_or_path", str(folder), "--update_card", "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_metric_added_to_metrics_is_in_eval_results(model_dir, evaluate, tmp_path, monkeypatch):
+    from hf_vit_examples import metrics
+
+    monkeypatch.setitem(metrics.METRICS, "accuracy_again", metrics.METRICS["accuracy"])
+    results = evaluate(["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "out")])
+    assert results["eval_accuracy_again"] == results["eval_accuracy"]
+    assert results_of(tmp_path / "out")["eval_accuracy_again"] == results["eval_accuracy"]
 
 
 def test_an_output_folder_with_another_evaluation_is_refused(model_dir, evaluate, tmp_path):

@@ -407,6 +407,7 @@ def script_argv(argv: list[str] | None) -> tuple[str, list[str]]:
 def write_evaluation(output_dir: str | Path, results: dict, references, predictions, labels: list[str]) -> None:
     """confusion_matrix.png (when the model has a head), then eval_results.json, and the result on stdout."""
     output_dir = Path(output_dir)
+    (output_dir / "confusion_matrix.png").unlink(missing_ok=True)  # an earlier evaluation's, replaced or not made
     if results["eval_accuracy"] is not None:
         if predictions.max(initial=0) == len(labels):  # the model's classes outside the dataset's
             labels = [*labels, "(other)"]
@@ -443,6 +444,19 @@ def evaluation_card_results(results: dict, source: DataSource) -> list[EvalResul
                        metric_name=f"{shots}-shot linear accuracy (shots from train)", metric_value=round(value, 4))
         )  # fmt: skip
     return entries
+
+
+def card_update_problem(folder: str | Path) -> str | None:
+    """Why `update_model_card(folder, ...)` would fail (checked before the evaluation runs), or None."""
+    path = Path(folder) / "README.md"
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{path} cannot be written: evaluate a copy you can write to, or drop --update_card."
+    if path.exists():
+        try:
+            ModelCard.load(path)
+        except Exception as error:  # huggingface_hub raises ValueError for bad YAML, yaml errors for others
+            return f"{path} is not a model card huggingface_hub can read ({str(error).splitlines()[0]}): fix its metadata."
+    return None
 
 
 def update_model_card(folder: str | Path, entries: list[EvalResult]) -> None:
