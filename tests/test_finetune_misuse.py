@@ -182,6 +182,18 @@ def test_resuming_with_other_hyper_parameters_is_refused_by_name_or_recorded_whe
     assert "| learning_rate | 0.5 |" in card
 
 
+def test_resuming_with_another_optimizer_is_refused_even_when_changes_are_allowed(earlier_run, in_process):
+    """The checkpoint holds SGD's momentum buffers: AdamW loaded them and crashed at its first step (KeyError 'step')."""
+    (earlier_run / "model.safetensors").unlink()
+    before = contents(earlier_run)
+    args = quick(earlier_run, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    with pytest.raises(
+        run_folder.RunFolderError, match=r"trained with --optimizer sgd, this command asks for --optimizer adamw"
+    ):
+        in_process([*args, "--optimizer", "adamw", "--allow_changed_arguments"])
+    assert contents(earlier_run) == before
+
+
 class FakeAccelerator:
     """What save_checkpoint uses of an Accelerator: one process, save_state writes a file."""
 

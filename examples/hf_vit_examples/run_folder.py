@@ -198,6 +198,15 @@ def checkpoint_to_resume(args, identity: dict) -> tuple[Path | None, list[str]]:
         records[checkpoint] = recorded
     differences = []
     for where, recorded in records.items():
+        before = recorded.get("arguments", {}).get("optimizer", "sgd")  # runs recorded before --optimizer were SGD
+        if before != identity["arguments"].get("optimizer", before):
+            # The checkpoint holds the other optimizer's state (momentum buffers, not Adam's moments): it cannot go on.
+            raise RunFolderError(
+                f"the run in {where} was trained with --optimizer {before}, this command asks for "
+                f"--optimizer {identity['arguments']['optimizer']}; a checkpoint's optimizer state serves only its own "
+                "optimizer, even with --allow_changed_arguments: resume with --optimizer "
+                f"{before}, or start a new run (a new --output_dir, or --model_name_or_path the finished model)."
+            )
         for difference in identity_differences(recorded, identity):
             if difference not in differences:
                 differences.append(difference)
