@@ -19,6 +19,7 @@ from .checkpoint import Architecture, Checkpoint, one_line
 from .errors import ConversionError
 from .families import Family, big_vision, find_family, hybrid, vit_jax
 from .keys import unconvert
+from .output_folder import remove_stale_partials
 from .reference import flax_vit_forward
 
 
@@ -71,7 +72,7 @@ def export_npz(
     """
     import torch
 
-    from hf_vit.verification import VerificationError, check_mapping
+    from hf_vit.verification import MAPPING_TOLERANCE, VerificationError, check_mapping
 
     say = log or (lambda line: None)
     if layout not in LAYOUTS:
@@ -102,7 +103,7 @@ def export_npz(
         difference, gelu_difference = verify_export(temporary, family, model, arch, config, verify_images)
         say(
             f"verification: the NumPy Flax reference run on the written arrays gives the PyTorch model's logits to "
-            f"{difference:.1e} of their scale in float64 (tolerance 1e-6)"
+            f"{difference:.1e} of their scale in float64 (tolerance {MAPPING_TOLERANCE:.0e})"
         )
         try:
             check_mapping(difference, f"The {layout} .npz")
@@ -270,6 +271,7 @@ def npz_arrays(model, arch: Architecture, layout: str, dtype: str) -> dict[str, 
 
 def write_temporary(output: Path, arrays: dict[str, np.ndarray]) -> Path:
     """The `.npz` in a new file beside OUTPUT (same file system, so the final rename is atomic)."""
+    remove_stale_partials(output)
     temporary = output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
     try:
         with open(temporary, "xb") as file:

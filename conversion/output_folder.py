@@ -74,14 +74,18 @@ class building:
                 break
 
 
-def remove_stale_partials(output_dir: Path) -> None:
-    """Remove the `.NAME.partial-*` folders of conversions of the same OUTPUT_DIR that were killed, saying so."""
-    for folder in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
-        pid = folder.name.rsplit(".partial-", 1)[1].split("-")[0]
+def remove_stale_partials(output: Path) -> None:
+    """Remove the `.NAME.partial-*` folders (conversions) or files (`.npz` exports) of the same OUTPUT that were
+    killed, saying so."""
+    for partial in output.parent.glob(f".{output.name}.partial-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and _is_running(int(pid)):
-            continue  # another conversion of the same OUTPUT_DIR is under way
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"removed {folder}, left by an interrupted conversion", file=sys.stderr)
+            continue  # another conversion of the same OUTPUT is under way
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        print(f"removed {partial}, left by an interrupted conversion", file=sys.stderr)
 
 
 def _is_running(pid: int) -> bool:

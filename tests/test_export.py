@@ -296,3 +296,12 @@ def test_console_script_is_installed(folder, tmp_path):
     assert "verification: the NumPy Flax reference" in result.stdout and exported.is_file()
     with np.load(exported) as arrays:
         assert arrays["cls"].shape == (1, 1, 32)
+
+
+def test_the_partial_file_of_a_killed_export_is_removed_by_the_next_one(folder, tmp_path, capsys):
+    output = tmp_path / "vit.npz"
+    stale = tmp_path / ".vit.npz.partial-999999999-abcdef"  # no such process: an export killed before its rename
+    stale.write_bytes(b"half an npz")
+    code, err = run_export(capsys, str(folder), str(output))
+    assert code == 0 and output.is_file() and not stale.exists()
+    assert f"removed {stale}, left by an interrupted conversion" in err
