@@ -120,3 +120,17 @@ def test_bench_inference_without_openvino_says_why_it_has_no_openvino_rows(tmp_p
     assert asked.returncode == 2 and "Traceback" not in asked.stderr
     assert asked.stderr.strip().splitlines()[-1].endswith("--openvino needs openvino and the onnx extra: pip install "
                                                           "'hf_vit[openvino]', or pass --no-openvino")  # fmt: skip
+
+
+@needs_openvino
+def test_an_export_openvino_cannot_compile_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)
+    before = sorted(path.name for path in tmp_path.iterdir())
+
+    def cannot_compile(*args, **kwargs):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\nunsupported operation")
+
+    monkeypatch.setattr(onnx_export, "compile_openvino", cannot_compile)
+    with pytest.raises(OnnxExportError, match=r"cannot run the export in f32 \(Exception from .*core.cpp:112:\)"):
+        export_onnx(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
