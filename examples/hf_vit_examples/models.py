@@ -23,6 +23,7 @@ from hf_vit.configuration_hf_vit import VARIANTS, canonical_variant_name, varian
 from hf_vit.modeling_hf_vit import resample_position_embeddings
 
 from .cli import UsageError, close_matches, one_line
+from .run_folder import CONVERTED
 
 
 logger = get_logger(__name__)
@@ -187,7 +188,7 @@ def load_model(args: argparse.Namespace, labels: list[str], accelerator: Acceler
         source, provenance = args.model_name_or_path, Provenance("pretrained", args.model_name_or_path)
         image_size = overrides.pop("image_size", None)
         if is_original_checkpoint(source):
-            converted = Path(args.output_dir) / ".converted"
+            converted = Path(args.output_dir) / CONVERTED
             # The main process converts (and downloads) once; the others, and resumed runs, load its folder.
             with accelerator.main_process_first():
                 if not (converted / "config.json").exists():

@@ -1,19 +1,31 @@
-"""The optimizers the example scripts offer: `build_optimizer` makes one from the flags, `describe_optimizer` says
-what it is from the object itself (for the model card), so a new optimizer is one entry in `build_optimizer` and
-the card cannot describe another one than the run used."""
+"""The optimizers the example scripts offer: `OPTIMIZERS` maps each `--optimizer` name to the function that makes it
+from the flags, `describe_optimizer` says what it is from the object itself (for the model card), so a new optimizer
+is one entry in `OPTIMIZERS` and the card cannot describe another one than the run used."""
 
 import argparse
 
 import torch
 
 
-OPTIMIZERS = ("sgd", "adamw")
+def _fused(device: torch.device) -> bool | None:
+    return True if device.type == "cuda" else None  # one kernel for all parameters on a GPU
+
+
+# --optimizer name -> (args, parameters, device) -> the optimizer
+OPTIMIZERS = {
+    "sgd": lambda args, parameters, device: torch.optim.SGD(
+        parameters, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay, fused=_fused(device)
+    ),
+    "adamw": lambda args, parameters, device: torch.optim.AdamW(
+        parameters, lr=args.learning_rate, weight_decay=args.weight_decay, fused=_fused(device)
+    ),
+}
 
 
 def add_optimizer_arguments(group) -> None:
     group.add_argument(
         "--optimizer",
-        choices=OPTIMIZERS,
+        choices=list(OPTIMIZERS),
         default="sgd",
         help="sgd: SGD with momentum, the paper's fine-tuning recipe; adamw: AdamW (betas 0.9, 0.999), as "
         "transformers' examples and most ViT fine-tuning recipes use, usually with --weight_decay 0.05 and a "
@@ -30,15 +42,7 @@ def add_optimizer_arguments(group) -> None:
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    # fused: one kernel for all parameters on a GPU
-    fused = True if device.type == "cuda" else None
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(
-            model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused
-        )
-    return torch.optim.SGD(
-        model.parameters(), lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay, fused=fused
-    )
+    return OPTIMIZERS[args.optimizer](args, model.parameters(), device)
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, object]:
