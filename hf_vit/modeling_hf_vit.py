@@ -106,6 +106,10 @@ def linear(layer: nn.Module, hidden_states: torch.Tensor, act_fn=None, post_op=N
     return hidden_states if act_fn is None or fuse else act_fn(hidden_states)
 
 
+_FROZEN = "This model was frozen for CPU inference: "
+_NO_LOADING = f"{_FROZEN}load the weights into an unfrozen model and call freeze_for_cpu_inference() on it again."
+
+
 class FrozenLinear(nn.Module):
     """
     An inference-only `nn.Linear` whose weight exists only as oneDNN's pre-packed copy (`freeze_for_cpu_inference`).
@@ -136,6 +140,30 @@ class FrozenLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.packed_weight.to_dense()  # the nn.Linear key, so checkpoints load
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # nn.Module would load the bias and report "weight" as unexpected, which strict=False ignores: the old packed
+        # weight with the new bias, silently wrong logits.
+        raise RuntimeError(_NO_LOADING)
+
+    def check_cast(self, fn) -> None:
+        """Raise if `fn` (what `.to()`, `.half()`... apply to each tensor) would change the packed weight's dtype or
+        device: oneDNN's packed tensors cannot be cast (a cryptic error, halfway through the model). Casts that change
+        nothing (`.to("cpu")`, `.float()` of a float32 model) pass."""
+        probe = fn(torch.empty(0, dtype=self.packed_weight.dtype))
+        if probe.dtype != self.packed_weight.dtype or probe.device != self.packed_weight.device:
+            raise RuntimeError(
+                f"{_FROZEN}cast it before freezing ({self.packed_weight.dtype} on {self.packed_weight.device} now), "
+                "or load it again and cast that."
+            )
+
+    def _apply(self, fn, recurse=True):
+        self.check_cast(fn)
+        return super()._apply(fn, recurse)
+
+    def __deepcopy__(self, memo):
+        # Packed (mkldnn) tensors cannot be deep-copied; say so, rather than torch's error about MkldnnCPU.
+        raise RuntimeError(f"{_FROZEN}deepcopy it before freezing, and freeze the copy.")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -394,8 +422,9 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
         CPU oneDNN runs the dtype on: fp32 anywhere (AVX2, AVX-512, AMX), bf16 with AVX512-BF16 or AMX.
 
         Afterwards the model is inference only: a forward with gradients, in another dtype or on a GPU raises;
-        `state_dict()` and `save_pretrained` still give the plain weights; loading weights into it is refused (load
-        them into a fresh model and freeze that). Call it after `.to(dtype)` and `.eval()`.
+        `state_dict()` and `save_pretrained` still give the plain weights; loading weights into it, casting it to another
+        dtype or device and `copy.deepcopy` raise (load, cast or copy the model before freezing it). Call it after
+        `.to(dtype)` and `.eval()`.
 
         Example:
 
@@ -424,6 +453,21 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
                 if type(child) is nn.Linear and not (child._forward_hooks or child._forward_pre_hooks):
                     setattr(module, name, FrozenLinear(child))
         return self.eval()
+
+    def _apply(self, fn, recurse=True):
+        # Check every FrozenLinear before casting anything: nn.Module casts children in order, so one refused deep in
+        # the model would leave the modules before it cast.
+        if recurse:
+            for module in self.modules():
+                if type(module) is FrozenLinear:
+                    module.check_cast(fn)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # Runs before the children load: refuse here, so the modules before the first FrozenLinear keep their weights.
+        if any(type(module) is FrozenLinear for module in self.modules()):
+            raise RuntimeError(_NO_LOADING)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Save as transformers does, plus the `preprocessor_config.json` the image-classification pipeline reads."""

@@ -6,9 +6,11 @@ that happen to take it:
 - bf16 linears in oneDNN where the CPU runs them (AVX512-BF16 or AMX: Zen 4/5, Intel Cooper Lake, Sapphire Rapids)
   and through nn.Linear elsewhere (Zen 2);
 - freeze_for_cpu_inference (every Linear's weight kept only pre-packed for oneDNN: the same logits, the plain weights
-  back from state_dict, no way to train it or load weights into it by mistake), in fp32 anywhere and bf16 where
-  oneDNN runs it; where it does not, the refusal is forced.
+  back from state_dict, no way to train it, load weights into it, cast or deepcopy it by mistake), in fp32 anywhere
+  and bf16 where oneDNN runs it; where it does not, the refusal is forced.
 """
+
+import copy
 
 import pytest
 import torch
@@ -124,8 +126,41 @@ def test_frozen_model_holds_one_copy_of_each_weight_so_none_can_go_stale():
     model.freeze_for_cpu_inference()
     # No plain weight is left to change behind the packed one's back (a p.data.copy_() no version counter sees).
     assert sum(parameter.numel() for parameter in model.parameters()) == parameters - linear_weights
-    with pytest.raises(RuntimeError, match="Unexpected key"):  # new weights go into a fresh model, then freeze
-        model.load_state_dict(model_in(torch.float32).state_dict())
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_loading_weights_into_a_frozen_model_is_refused_before_anything_changes(pixel_values, strict):
+    # strict=False used to load the biases and keep the old packed weights: logits off, silently.
+    model = model_in(torch.float32).freeze_for_cpu_inference()
+    with torch.inference_mode():
+        before = model(pixel_values).logits
+    other = model_in(torch.float32).state_dict()
+    with pytest.raises(RuntimeError, match=r"^This model was frozen for CPU inference: load the weights into an "):
+        model.load_state_dict(other, strict=strict)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(pixel_values).logits, before, atol=0, rtol=0)  # nothing was loaded
+    with pytest.raises(RuntimeError, match="^This model was frozen for CPU inference"):  # nor into a part of it
+        model.transformer.encoder.layer[0].attn.load_state_dict(
+            {key.removeprefix("transformer.encoder.layer.0.attn."): value for key, value in other.items()},
+            strict=False,
+        )
+
+
+def test_casting_or_copying_a_frozen_model_is_one_clear_error_and_changes_nothing(pixel_values):
+    model = model_in(torch.float32).freeze_for_cpu_inference()
+    with torch.inference_mode():
+        before = model(pixel_values).logits
+    for cast in (lambda: model.to(torch.bfloat16), lambda: model.half(), lambda: model.to("meta")):
+        # These used to fail inside the first FrozenLinear, with the modules before it already cast.
+        with pytest.raises(RuntimeError, match=r"^This model was frozen for CPU inference: cast it before "):
+            cast()
+        assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+        assert {buffer.device.type for buffer in model.buffers()} == {"cpu"}
+    assert model.to("cpu", torch.float32) is model and model.float() is model  # casts that change nothing still do
+    with pytest.raises(RuntimeError, match=r"^This model was frozen for CPU inference: deepcopy it before "):
+        copy.deepcopy(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(pixel_values).logits, before, atol=0, rtol=0)
 
 
 def test_frozen_model_refuses_gradients_and_inputs_of_another_dtype(pixel_values):
