@@ -10,7 +10,6 @@ float64 (`hf_vit.verification`) -> rename into place. A failure leaves nothing b
 
 import json
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from .checkpoint import Architecture, Checkpoint, one_line
 from .errors import ConversionError
 from .families import Family, big_vision, find_family, hybrid, vit_jax
 from .keys import unconvert
-from .output_folder import remove_stale_partials
+from .output_folder import fresh_partial
 from .reference import flax_vit_forward
 
 
@@ -271,8 +270,7 @@ def npz_arrays(model, arch: Architecture, layout: str, dtype: str) -> dict[str, 
 
 def write_temporary(output: Path, arrays: dict[str, np.ndarray]) -> Path:
     """The `.npz` in a new file beside OUTPUT (same file system, so the final rename is atomic)."""
-    remove_stale_partials(output)
-    temporary = output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
+    temporary = fresh_partial(output)
     try:
         with open(temporary, "xb") as file:
             np.savez(file, **arrays)  # a file object: np.savez would append ".npz" to a name without it

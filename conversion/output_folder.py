@@ -45,10 +45,7 @@ class building:
     def __enter__(self) -> Path:
         try:
             self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_partials(self.output_dir)
-            self.path = self.output_dir.with_name(
-                f".{self.output_dir.name}.partial-{os.getpid()}-{secrets.token_hex(3)}"
-            )
+            self.path = fresh_partial(self.output_dir)
             self.path.mkdir()
         except OSError as error:
             self._remove_created()
@@ -72,6 +69,13 @@ class building:
                 directory.rmdir()
             except OSError:
                 break
+
+
+def fresh_partial(output: Path) -> Path:
+    """Where to build OUTPUT before it is renamed into place: a new `.NAME.partial-PID-*` beside it (the same file
+    system, so the rename is atomic), once the partials of killed runs are gone."""
+    remove_stale_partials(output)
+    return output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
 
 
 def remove_stale_partials(output: Path) -> None:
@@ -114,4 +118,4 @@ def move_into_place(temporary: Path, output_dir: Path, overwrite: bool) -> None:
         temporary.rename(output_dir)
 
 
-__all__ = ["building", "check_output_dir", "move_into_place", "remove_stale_partials"]
+__all__ = ["building", "check_output_dir", "fresh_partial", "move_into_place", "remove_stale_partials"]
