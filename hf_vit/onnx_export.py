@@ -88,6 +88,18 @@ def compile_openvino(path: str | os.PathLike, precision: str, threads: int | Non
     return openvino.Core().compile_model(str(path), "CPU", config)
 
 
+def _against_pytorch(logits: np.ndarray, single: np.ndarray, references: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(drift to PyTorch's float64 logits, max abs difference to its float32 ones) of an engine's outputs for the
+    check's batch (`logits`) and its first image alone (`single`)."""
+    exact, reference = references["float64"], references["float32"]
+    drift = max(relative_difference(logits, exact), relative_difference(single, exact[:1]))
+    return drift, float(max(np.abs(logits - reference).max(), np.abs(single - reference[:1]).max()))
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def _check_openvino(fp32_path: Path, images: np.ndarray, references: dict[str, np.ndarray]) -> dict:
     """OpenVINO's f32 and bf16 logits of the export against PyTorch's float64 ones; f32 is held to the same bound as
     ONNX Runtime (`check_drift` against PyTorch's own float32 drift), bf16 is reported."""
@@ -101,20 +113,15 @@ def _check_openvino(fp32_path: Path, images: np.ndarray, references: dict[str, n
             compiled = compile_openvino(fp32_path, precision)
             logits, single = compiled(images)[0], compiled(images[:1])[0]
         except RuntimeError as error:  # OpenVINO reports what it cannot compile or run as a RuntimeError
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise OnnxExportError(
-                f"OpenVINO {openvino.__version__.split('-')[0]} cannot run the export in {precision} ({first_line}): "
-                "ONNX Runtime could; uninstall openvino to export without its check; nothing was written."
+                f"OpenVINO {result['openvino']} cannot run the export in {precision} ({_first_line(error)}): ONNX "
+                "Runtime could; uninstall openvino to export without its check; nothing was written."
             ) from None
         # A CPU without BF16 runs the bf16 hint in f32: say what ran.
         ran_as = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type: "f32", "bf16"
         result[f"openvino_{precision}_ran_as"] = ran_as.to_string() if hasattr(ran_as, "to_string") else str(ran_as)
-        result[f"openvino_{precision}_drift"] = max(
-            relative_difference(logits, exact), relative_difference(single, exact[:1])
-        )
-        result[f"openvino_{precision}_max_abs_diff"] = float(
-            max(np.abs(logits - reference).max(), np.abs(single - reference[:1]).max())
-        )
+        drift, difference = _against_pytorch(logits, single, references)
+        result[f"openvino_{precision}_drift"], result[f"openvino_{precision}_max_abs_diff"] = drift, difference
         result[f"openvino_{precision}_top1_agreement"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
     try:
         check_drift(result["openvino_f32_drift"], relative_difference(reference, exact), "OpenVINO's f32 output")
@@ -140,8 +147,7 @@ def load_classifier(model_dir: str | os.PathLike) -> nn.Module:
             folder, dtype=torch.float32, output_loading_info=True
         )
     except (OSError, ValueError, KeyError, RuntimeError) as error:  # RuntimeError: weights of the wrong shapes
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OnnxExportError(f"{str(folder)!r} does not load as an image classifier: {first_line}") from None
+        raise OnnxExportError(f"{str(folder)!r} does not load as an image classifier: {_first_line(error)}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
         if progress_bars:
@@ -305,7 +311,7 @@ def _export_and_check(model, work, images, references, quantize, opset_version, 
     logits = _run(session, images)
     single = _run(session, images[:1])  # a different batch size than the export's example: the batch is dynamic
     exact, reference = references["float64"], references["float32"]
-    drift = max(relative_difference(logits, exact), relative_difference(single, exact[:1]))
+    drift, difference = _against_pytorch(logits, single, references)
     pytorch_drift = relative_difference(reference, exact)
     try:
         check_drift(drift, pytorch_drift, "ONNX Runtime's float32 output")
@@ -315,7 +321,7 @@ def _export_and_check(model, work, images, references, quantize, opset_version, 
         "drift": drift,
         "pytorch_drift": pytorch_drift,
         "bound": drift_bound(pytorch_drift),
-        "max_abs_diff": float(max(np.abs(logits - reference).max(), np.abs(single - reference[:1]).max())),
+        "max_abs_diff": difference,
         "num_images": len(images),
         "image_size": list(images.shape[2:]),
         "opset": _opset(fp32_path),
