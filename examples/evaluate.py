@@ -36,7 +36,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from hf_vit_examples import fewshot, report
-from hf_vit_examples.cli import ArgumentParser, UsageError, run_script, set_up_logging
+from hf_vit_examples.cli import ArgumentParser, UsageError, check_numbers, run_script, set_up_logging
 from hf_vit_examples.data import (
     Preprocessed,
     add_data_arguments,
@@ -94,11 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.model_name_or_path and not args.config_name:
         parser.error("give --model_name_or_path (a model to evaluate) or --config_name (a randomly initialised one).")
-    for name in ("per_device_eval_batch_size", "fewshot_seeds", "fewshot_l2_reg", "max_eval_samples", "image_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
-    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
-        parser.error(f"--dataloader_num_workers must not be negative, got {args.dataloader_num_workers}.")
+    positive = ("per_device_eval_batch_size", "fewshot_seeds", "fewshot_l2_reg", "max_eval_samples", "image_size")
+    check_numbers(parser, args, positive, ("dataloader_num_workers",))
     if any(shots <= 0 for shots in args.fewshot):
         parser.error(f"--fewshot takes positive numbers of shots, got {' '.join(map(str, args.fewshot))}.")
     if args.update_card and not (args.model_name_or_path and Path(args.model_name_or_path).is_dir()):

@@ -44,7 +44,14 @@ from transformers import get_scheduler
 
 from hf_vit_examples import report
 from hf_vit_examples.augmentation import Augment, add_augmentation_arguments, check_augmentation_arguments
-from hf_vit_examples.cli import ArgumentParser, UsageError, close_matches, run_script, set_up_logging
+from hf_vit_examples.cli import (
+    ArgumentParser,
+    UsageError,
+    check_numbers,
+    close_matches,
+    run_script,
+    set_up_logging,
+)
 from hf_vit_examples.data import (
     DECODE_CHECK_LIMIT,
     Collate,
@@ -170,17 +177,11 @@ def parse_args(argv: list[str] | None = None, parser: ArgumentParser | None = No
         parser.error(problem)
     if not 0 <= args.validation_split_percentage < 100:
         parser.error(f"--validation_split_percentage must be in [0, 100), got {args.validation_split_percentage}.")
-    # Numbers that would otherwise fail deep inside torch (a DataLoader, SGD) with a traceback, or train nonsense.
     positive = ("max_train_steps", "eval_steps", "logging_steps", "checkpointing_steps", "total_batch_size")
     positive += ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size")
     positive += ("learning_rate", "image_size", "max_train_samples", "max_eval_samples")
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
     not_negative = ("momentum", "weight_decay", "max_grad_norm", "num_warmup_steps", "checkpoints_total_limit")
-    for name in (*not_negative, "dataloader_num_workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name} must not be negative, got {getattr(args, name)}.")
+    check_numbers(parser, args, positive, (*not_negative, "dataloader_num_workers"))
     if args.with_tracking:
         # accelerate silently logs nowhere for a tracker it doesn't know or that isn't installed
         known = [tracker.value for tracker in LoggerType]

@@ -58,6 +58,17 @@ class ArgumentParser(argparse.ArgumentParser):
         }
 
 
+def check_numbers(parser, args, positive: tuple[str, ...] = (), not_negative: tuple[str, ...] = ()) -> None:
+    """--NAME must be positive / not negative where given: numbers that would otherwise fail deep inside torch (a
+    DataLoader, an optimizer) with a traceback, or run nonsense."""
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    for name in not_negative:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}.")
+
+
 def close_matches(name: str, known: list[str]) -> str:
     matches = difflib.get_close_matches(name, known, n=3, cutoff=0.8)
     return f" (did you mean {' or '.join(map(repr, matches))}?)" if matches else ""
